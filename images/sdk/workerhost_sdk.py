@@ -1,0 +1,205 @@
+# -*- coding: utf-8 -*-
+"""workerhost worker SDK: protocol v1 in one call, for Python 2.7 and 3.x.
+
+A worker is a function from a task to a JSON-serialisable result::
+
+    import workerhost_sdk as sdk
+
+    def handle(task):
+        if not task.params.get("text"):
+            raise sdk.PermanentError("params.text is required")
+        return {"length": len(task.params["text"])}
+
+    if __name__ == "__main__":
+        sdk.run(handle)
+
+``run`` reads the task (one JSON object on stdin), calls the handler, writes
+one JSON result object on stdout and exits with the protocol's code:
+
+* the handler returns             -> ``{"success": true, "result": ...}``, exit 0
+* it raises ``RetriableError``    -> ``retriable: true``, exit 1 (the host retries)
+* it raises ``TaskTimeout``       -> exit 3 (reported as a timeout, not retried)
+* it raises anything else         -> ``retriable: false``, exit 2 (not retried),
+  unless the exception is an instance of one of ``run(..., retry_on=(...))``
+  or carries a true ``retriable`` attribute.
+
+While the handler runs, anything written to stdout (``print``, a subprocess)
+goes to stderr instead, so that stray output can never corrupt the result.
+
+The module uses the standard library only and is a single file, so it can be
+copied into any image.
+"""
+from __future__ import print_function
+
+import json
+import os
+import sys
+import time
+import traceback
+
+__all__ = [
+    "Task", "RetriableError", "PermanentError", "TaskTimeout",
+    "run", "log", "EXIT_OK", "EXIT_RETRIABLE", "EXIT_PERMANENT", "EXIT_TIMEOUT",
+]
+
+PROTOCOL_VERSION = 1
+EXIT_OK = 0
+EXIT_RETRIABLE = 1
+EXIT_PERMANENT = 2
+EXIT_TIMEOUT = 3
+
+# Enough of a failing task's message for a person; the host caps what it stores.
+_MAX_MESSAGE = 4000
+
+
+class RetriableError(Exception):
+    """The task failed for a reason that may pass (a busy service, a lost lock)."""
+
+    retriable = True
+
+
+class PermanentError(Exception):
+    """The task cannot succeed as given (bad params, missing data)."""
+
+    retriable = False
+
+
+class TaskTimeout(Exception):
+    """The worker gave up because the task's deadline passed (exit code 3)."""
+
+
+class Task(object):
+    """One task as the host sent it.
+
+    ``id``, ``type``, ``params`` (a dict), ``attempt`` (1 for the first run),
+    ``correlation_id``, ``traceparent`` and ``deadline`` (an ISO 8601 UTC
+    string, or None) come straight from the envelope; ``raw`` is the whole of it.
+    """
+
+    def __init__(self, envelope):
+        self.raw = envelope
+        self.id = envelope.get("id")
+        self.type = envelope.get("type")
+        self.params = envelope.get("params") or {}
+        self.attempt = envelope.get("attempt", 1)
+        self.correlation_id = envelope.get("correlation_id")
+        self.traceparent = envelope.get("traceparent")
+        self.deadline = envelope.get("deadline")
+
+    def remaining(self):
+        """Seconds left before the host's deadline, or None when there is none."""
+        if not self.deadline:
+            return None
+        try:
+            end = _parse_utc(self.deadline)
+        except ValueError:
+            return None
+        return max(0.0, end - time.time())
+
+    def __repr__(self):
+        return "Task(id=%r, type=%r, attempt=%r)" % (self.id, self.type, self.attempt)
+
+
+def log(message, **fields):
+    """Write one log line to stderr; the host re-logs it with the task's ids."""
+    if fields:
+        message = "%s %s" % (message, " ".join("%s=%s" % kv for kv in sorted(fields.items())))
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def run(handler, retry_on=(), stdin=None, stdout=None):
+    """Run ``handler(task)`` under protocol v1 and exit with the protocol's code.
+
+    ``retry_on`` is a tuple of exception classes that count as retriable
+    besides ``RetriableError`` (for example ``(IOError,)``).
+    ``stdin``/``stdout`` are binary streams for tests; by default the process's own.
+    """
+    code = _run(handler, tuple(retry_on), stdin, stdout)
+    sys.exit(code)
+
+
+def _run(handler, retry_on, stdin, stdout):
+    out = stdout if stdout is not None else _claim_stdout()
+    try:
+        task = Task(_read_envelope(stdin))
+    except ValueError as exc:
+        _emit(out, _failure("InvalidTask", str(exc), False))
+        return EXIT_PERMANENT
+    try:
+        result = handler(task)
+        body = _dumps({"success": True, "result": result})
+    except TaskTimeout as exc:
+        _emit(out, _failure("TaskTimeout", _message(exc), False))
+        return EXIT_TIMEOUT
+    except Exception as exc:  # the handler's failures are the protocol's business
+        retriable = isinstance(exc, retry_on) or bool(getattr(exc, "retriable", False))
+        traceback.print_exc(file=sys.stderr)
+        _emit(out, _failure(type(exc).__name__, _message(exc), retriable))
+        return EXIT_RETRIABLE if retriable else EXIT_PERMANENT
+    _emit(out, body)
+    return EXIT_OK
+
+
+def _read_envelope(stdin):
+    stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
+    data = stream.read()
+    if isinstance(data, bytes):
+        data = data.decode("utf-8")
+    if not data.strip():
+        raise ValueError("no task on stdin (expected one JSON object)")
+    envelope = json.loads(data)
+    if not isinstance(envelope, dict):
+        raise ValueError("the task is not a JSON object")
+    if not isinstance(envelope.get("params", {}), dict):
+        raise ValueError("the task's params are not a JSON object")
+    return envelope
+
+
+def _claim_stdout():
+    """Keep fd 1 for the result and point fd 1 (and sys.stdout) at stderr.
+
+    Done at the file-descriptor level so that subprocesses and C extensions
+    that print cannot write into the result either.
+    """
+    sys.stdout.flush()
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(fd, "wb")
+
+
+def _emit(out, body):
+    if not isinstance(body, bytes):
+        body = body.encode("ascii")
+    out.write(body + b"\n")
+    out.flush()
+
+
+def _dumps(obj):
+    # ensure_ascii keeps the output identical on Python 2 and 3.
+    try:
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise PermanentError("the handler's result is not JSON-serialisable: %s" % exc)
+
+
+def _failure(kind, message, retriable):
+    error = {"type": kind, "message": message, "retriable": retriable}
+    return json.dumps({"success": False, "error": error}, ensure_ascii=True)
+
+
+def _message(exc):
+    try:
+        text = u"%s" % (exc,)
+    except Exception:  # a broken __str__ must not hide the failure
+        text = repr(exc)
+    return text[:_MAX_MESSAGE] or type(exc).__name__
+
+
+def _parse_utc(value):
+    import calendar
+
+    whole, _, frac = value.rstrip("Z").partition(".")
+    seconds = calendar.timegm(time.strptime(whole[:19], "%Y-%m-%dT%H:%M:%S"))
+    return seconds + (float("0." + frac) if frac.isdigit() else 0.0)

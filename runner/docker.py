@@ -1,0 +1,409 @@
+"""One task in one fresh container: create, attach, start, feed, read, kill, inspect, remove.
+
+The runner supervises and reports what it saw (a ``ContainerEnd``); deciding
+what that means is ``protocol.classify``'s job. It uses docker-py's low-level
+``APIClient`` because the high-level one cannot attach before start, which is
+the only way to see every byte a short-lived container writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from runner.config import WorkerConfig
+from runner.errors import EngineError, ImageMissing
+from runner.protocol import ContainerEnd, Envelope, ErrorInfo
+
+log = logging.getLogger(__name__)
+
+LABEL_TASK = "workerhost.task_id"
+LABEL_WORKER = "workerhost.worker"
+LABEL_HOST = "workerhost.host_id"
+LABEL_ATTEMPT = "workerhost.attempt"
+
+STDOUT, STDERR = 1, 2
+STDERR_TAIL = 64 * 1024
+# Up to this size the task goes into the socket's send buffer at once, so no
+# writer thread is needed; larger tasks are fed by a thread while we read.
+_INLINE_WRITE = 64 * 1024
+_READ_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one container run produced, beyond its classification."""
+
+    end: ContainerEnd
+    container_id: str | None = None
+    image_id: str | None = None
+    start_latency: float = 0.0
+    duration: float = 0.0
+    stderr_bytes: int = 0
+
+
+class Demuxer:
+    """Splits docker's multiplexed attach stream into (stream, bytes) frames.
+
+    Each frame is an 8-byte header (stream id, 3 zero bytes, big-endian size)
+    followed by that many bytes. ``feed`` takes whatever ``recv`` returned.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._buffer += data
+        frames: list[tuple[int, bytes]] = []
+        offset = 0
+        buffer = self._buffer
+        while len(buffer) - offset >= 8:
+            size = int.from_bytes(buffer[offset + 4 : offset + 8], "big")
+            if len(buffer) - offset - 8 < size:
+                break
+            frames.append((buffer[offset], bytes(buffer[offset + 8 : offset + 8 + size])))
+            offset += 8 + size
+        del buffer[:offset]
+        return frames
+
+
+class _Streams:
+    """stdout kept whole up to its cap; stderr counted up to its cap, its tail kept."""
+
+    def __init__(self, max_stdout: int, max_stderr: int, tail: int = STDERR_TAIL) -> None:
+        self.stdout = bytearray()
+        self.stderr_tail = bytearray()
+        self.stderr_bytes = 0
+        self.max_stdout = max_stdout
+        self.max_stderr = max_stderr
+        self.tail = tail
+        self.cap_hit: str | None = None
+
+    def add(self, stream: int, data: bytes) -> None:
+        if stream == STDOUT:
+            if len(self.stdout) + len(data) > self.max_stdout:
+                self.cap_hit = "stdout"
+                return
+            self.stdout += data
+        elif stream == STDERR:
+            self.stderr_bytes += len(data)
+            self.stderr_tail += data
+            if len(self.stderr_tail) > 2 * self.tail:
+                del self.stderr_tail[: -self.tail]
+            if self.stderr_bytes > self.max_stderr:
+                self.cap_hit = "stderr"
+
+    def cap_bytes(self) -> int:
+        return self.max_stdout if self.cap_hit == "stdout" else self.max_stderr
+
+
+def connect(timeout: float = 60.0) -> docker.APIClient:
+    """A low-level client for the engine that ``DOCKER_HOST`` (or the default socket) names."""
+    kwargs = docker.utils.kwargs_from_env()
+    try:
+        return docker.APIClient(version="auto", timeout=timeout, max_pool_size=64, **kwargs)
+    except docker.errors.DockerException as exc:
+        where = kwargs.get("base_url") or "unix:///var/run/docker.sock"
+        raise EngineError(
+            f"the Docker engine at {where} does not answer ({_reason(exc)}); "
+            "start it (scripts/engine.sh does, as root) or set DOCKER_HOST"
+        ) from None
+
+
+class DockerRunner:
+    """Runs tasks, each in a fresh container, with the worker's limits."""
+
+    def __init__(self, client: docker.APIClient, host_id: str) -> None:
+        self.client = client
+        self.host_id = host_id
+        self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="workerhost-remove")
+
+    # -- public -----------------------------------------------------------------
+
+    def run(self, worker: WorkerConfig, task: Envelope) -> RunResult:
+        """Run ``task`` in a new container of ``worker`` and report how it ended.
+
+        Never raises for the task's or the engine's sake: an engine failure is
+        reported in the result's ``end.engine_error``.
+        """
+        began = time.monotonic()
+        try:
+            container = self._create(worker, task)
+        except EngineError as exc:
+            return RunResult(_engine_end(exc), duration=time.monotonic() - began)
+        try:
+            return self._supervise(container, worker, task, began)
+        except EngineError as exc:
+            return RunResult(_engine_end(exc), container_id=container, duration=time.monotonic() - began)
+        finally:
+            self._remove_later(container)
+
+    def image_present(self, image: str) -> bool:
+        """Whether the engine has ``image`` (raises EngineError when it does not answer)."""
+        try:
+            self.client.inspect_image(image)
+        except docker.errors.ImageNotFound:
+            return False
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise EngineError(f"cannot inspect image {image}: {_reason(exc)}") from None
+        return True
+
+    def close(self) -> None:
+        """Wait for the removals still under way."""
+        self._reaper.shutdown(wait=True)
+
+    def __enter__(self) -> DockerRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- steps ------------------------------------------------------------------
+
+    def _create(self, worker: WorkerConfig, task: Envelope) -> str:
+        host_config = self.client.create_host_config(
+            nano_cpus=int(worker.cpus * 1e9),
+            mem_limit=worker.memory,
+            memswap_limit=worker.memory,  # equal to memory: no swap, so the limit is real
+            pids_limit=worker.pids_limit,
+            network_mode=worker.network,
+            runtime=worker.runtime,
+            read_only=True,
+            tmpfs={"/tmp": f"rw,nosuid,nodev,size={worker.tmpfs},mode=1777"},
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            # The host reads the streams through attach; a log driver would
+            # only copy every byte to disk again.
+            log_config={"Type": "none", "Config": {}},
+        )
+        labels = {
+            LABEL_TASK: task.id,
+            LABEL_WORKER: worker.name,
+            LABEL_HOST: self.host_id,
+            LABEL_ATTEMPT: str(task.attempt),
+        }
+        environment = {**worker.env, **task.environment()}
+        try:
+            created = self.client.create_container(
+                image=worker.image,
+                command=worker.command,
+                stdin_open=True,  # with detach=False this sets StdinOnce: EOF closes stdin
+                environment=environment,
+                user=worker.user or None,
+                labels=labels,
+                host_config=host_config,
+                network_disabled=worker.network == "none",
+            )
+        except docker.errors.ImageNotFound:
+            raise ImageMissing(worker.image, worker.name) from None
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise _translate(exc, f"worker {worker.name}: cannot create a container of {worker.image}") from None
+        return str(created["Id"])
+
+    def _supervise(self, container: str, worker: WorkerConfig, task: Envelope, began: float) -> RunResult:
+        try:
+            attach = self.client.attach_socket(
+                container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+            )
+            sock: socket.socket = getattr(attach, "_sock", attach)
+            self.client.start(container)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise _translate(exc, f"worker {worker.name}: cannot start its container") from None
+        started = time.monotonic()
+        # The deadline counts from start, so that engine latency is not the worker's time.
+        deadline = started + worker.timeout
+        task = replace(task, deadline=datetime.now(UTC) + timedelta(seconds=worker.timeout))
+        streams = _Streams(worker.max_stdout, worker.max_stderr)
+        try:
+            writer = _feed(sock, task.to_json(), deadline)
+            deadline_hit = _pump(sock, streams, deadline)
+            if deadline_hit or streams.cap_hit:
+                # Close the socket first: it unblocks the writer and stops dockerd
+                # buffering output for us while the kill is delivered.
+                _close(sock, attach)
+                self._kill(container)
+            else:
+                deadline_hit = not self._wait(container, deadline)
+            if writer is not None:
+                writer.join(timeout=5)
+        finally:
+            _close(sock, attach)
+        state, image_id = self._inspect(container)
+        end = ContainerEnd(
+            exit_code=state.get("ExitCode"),
+            stdout=bytes(streams.stdout),
+            oom_killed=bool(state.get("OOMKilled")),
+            deadline_hit=deadline_hit,
+            cap_hit=streams.cap_hit,
+            cap_bytes=streams.cap_bytes() if streams.cap_hit else 0,
+            timeout=worker.timeout,
+            memory=worker.memory,
+            stderr_tail=bytes(streams.stderr_tail[-STDERR_TAIL:]),
+        )
+        return RunResult(
+            end,
+            container_id=container,
+            image_id=image_id,
+            start_latency=started - began,
+            duration=time.monotonic() - started,
+            stderr_bytes=streams.stderr_bytes,
+        )
+
+    def _wait(self, container: str, deadline: float) -> bool:
+        """Wait for the container to exit by the deadline; kill it and say False if it did not.
+
+        Its output has ended, but a worker may close stdout and keep running.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            try:
+                self.client.wait(container, timeout=remaining + 0.5)
+                return True
+            except requests.exceptions.ReadTimeout:
+                pass
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise _translate(exc, "lost the container while waiting for it") from None
+        if self._exited(container):
+            return True
+        self._kill(container)
+        return False
+
+    def _exited(self, container: str) -> bool:
+        state, _ = self._inspect(container)
+        return not state.get("Running", False)
+
+    def _kill(self, container: str) -> None:
+        try:
+            self.client.kill(container)
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: it had already stopped
+                raise _translate(exc, "cannot kill the container") from None
+        except requests.exceptions.RequestException as exc:
+            raise _translate(exc, "cannot kill the container") from None
+        # A kill is delivered asynchronously; inspect must see the final state.
+        try:
+            self.client.wait(container, timeout=30)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise _translate(exc, "the killed container did not stop") from None
+
+    def _inspect(self, container: str) -> tuple[dict[str, Any], str | None]:
+        try:
+            info = self.client.inspect_container(container)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise _translate(exc, "cannot inspect the container") from None
+        return info.get("State", {}), info.get("Image")
+
+    def _remove_later(self, container: str) -> None:
+        """Remove the container off the critical path; ``close`` waits for it."""
+        self._reaper.submit(self._remove, container)
+
+    def _remove(self, container: str) -> None:
+        try:
+            self.client.remove_container(container, force=True, v=True)
+        except docker.errors.NotFound:
+            pass
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("could not remove container %s: %s", container[:12], _reason(exc))
+
+
+def _feed(sock: socket.socket, payload: bytes, deadline: float) -> threading.Thread | None:
+    """Write the task to stdin and half-close; in a thread when it may block."""
+    if len(payload) <= _INLINE_WRITE:
+        _write(sock, payload, deadline)
+        return None
+    # A separate socket object (same connection) so the reader's timeouts do not
+    # cut the writer's sendall short; shutting the connection down unblocks it.
+    dup = sock.dup()
+    dup.settimeout(None)
+    thread = threading.Thread(target=_write_and_close, args=(dup, payload), daemon=True, name="workerhost-stdin")
+    thread.start()
+    return thread
+
+
+def _write(sock: socket.socket, payload: bytes, deadline: float) -> None:
+    try:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the worker exited or ignored stdin; its output tells the rest
+
+
+def _write_and_close(sock: socket.socket, payload: bytes) -> None:
+    try:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _pump(sock: socket.socket, streams: _Streams, deadline: float) -> bool:
+    """Read frames until the stream ends, a cap is passed (stop) or the deadline passes (True)."""
+    demux = Demuxer()
+    buffer = bytearray(_READ_CHUNK)
+    view = memoryview(buffer)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return True
+        sock.settimeout(remaining)
+        try:
+            size = sock.recv_into(buffer)
+        except TimeoutError:
+            return True
+        except OSError:
+            return False  # the connection went away; inspect tells how the container ended
+        if size == 0:
+            return False
+        for stream, data in demux.feed(view[:size].tobytes()):
+            streams.add(stream, data)
+            if streams.cap_hit:
+                return False
+
+
+def _close(sock: socket.socket, attach: Any) -> None:
+    # shutdown acts on the connection whatever other references to it remain
+    # (docker-py keeps a buffered reader over the same socket).
+    for step in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close, getattr(attach, "close", _noop)):
+        try:
+            step()
+        except OSError:
+            pass
+
+
+def _noop() -> None:
+    pass
+
+
+def _engine_end(exc: EngineError) -> ContainerEnd:
+    return ContainerEnd(
+        exit_code=None, engine_error=ErrorInfo(type(exc).__name__, str(exc)), engine_retriable=exc.retriable
+    )
+
+
+def _translate(exc: BaseException, what: str) -> EngineError:
+    """A driver's error as ours: unreachable or 5xx is retriable, a 4xx refusal is not."""
+    status = getattr(exc, "status_code", None)
+    refused = isinstance(status, int) and 400 <= status < 500
+    return EngineError(f"{what}: {_reason(exc)}", retriable=not refused)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, docker.errors.APIError):
+        return str(exc.explanation or exc)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return "the Docker engine does not answer"
+    return str(exc) or type(exc).__name__
+

@@ -1,0 +1,245 @@
+"""Worker protocol v1: the task envelope, and how a container's end becomes an Outcome.
+
+Pure: no I/O. ``classify`` is the outcome table of DESIGN.md as one function,
+so every row is unit-tested without Docker.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import signal
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+
+class ExitCode(enum.IntEnum):
+    """What a worker's exit code means (contract)."""
+
+    OK = 0
+    RETRIABLE = 1
+    PERMANENT = 2
+    TIMEOUT = 3
+
+
+class Status(enum.StrEnum):
+    """How a task ended, as users see it."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One task as a worker receives it on stdin (contract)."""
+
+    id: str
+    type: str
+    params: dict[str, Any]
+    attempt: int
+    correlation_id: str
+    traceparent: str
+    deadline: datetime | None = None
+
+    def to_json(self) -> bytes:
+        """The bytes written to the container's stdin."""
+        body: dict[str, Any] = {
+            "id": self.id,
+            "type": self.type,
+            "params": self.params,
+            "attempt": self.attempt,
+            "correlation_id": self.correlation_id,
+            "traceparent": self.traceparent,
+        }
+        if self.deadline is not None:
+            body["deadline"] = format_deadline(self.deadline)
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    def environment(self) -> dict[str, str]:
+        """The same trace context, for the container's environment (contract)."""
+        return {
+            "TRACEPARENT": self.traceparent,
+            "WORKERHOST_CORRELATION_ID": self.correlation_id,
+            "WORKERHOST_TASK_ID": self.id,
+            "WORKERHOST_ATTEMPT": str(self.attempt),
+        }
+
+
+def format_deadline(moment: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and a Z: ``2026-11-25T17:00:30.120Z``."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """Why a task failed: a short type and a message for a person."""
+
+    type: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"type": self.type, "message": self.message}
+
+
+@dataclass(frozen=True)
+class ContainerEnd:
+    """What the runner observed of one container, the input of ``classify``."""
+
+    exit_code: int | None
+    stdout: bytes = b""
+    oom_killed: bool = False
+    deadline_hit: bool = False
+    cap_hit: str | None = None  # "stdout" or "stderr" when that stream passed its cap
+    cap_bytes: int = 0
+    timeout: float = 0.0
+    memory: int = 0
+    engine_error: ErrorInfo | None = None
+    engine_retriable: bool = True
+    stderr_tail: bytes = b""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended, and whether another attempt could help."""
+
+    status: Status
+    retriable: bool = False
+    result: Any = None
+    error: ErrorInfo | None = None
+    exit_code: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.COMPLETED
+
+
+_QUOTE = 200
+
+
+def classify(end: ContainerEnd) -> Outcome:
+    """Turn one container's end into an outcome (the table in DESIGN.md)."""
+    code = end.exit_code
+    if end.engine_error is not None:
+        return Outcome(Status.FAILED, retriable=end.engine_retriable, error=end.engine_error, exit_code=code)
+    if end.deadline_hit:
+        return Outcome(
+            Status.TIMEOUT,
+            error=ErrorInfo("Timeout", f"killed at the deadline after {end.timeout:g}s"),
+            exit_code=code,
+        )
+    if end.cap_hit is not None:
+        return _failed(
+            "OutputLimitExceeded",
+            f"{end.cap_hit} passed its cap of {_human(end.cap_bytes)}; the container was killed",
+            retriable=False,
+            code=code,
+        )
+    if end.oom_killed:
+        limit = f" of {_human(end.memory)}" if end.memory else ""
+        return _failed(
+            "MemoryLimitExceeded",
+            f"killed by the memory limit{limit} (OOMKilled); raise the worker's memory",
+            retriable=False,
+            code=code,
+        )
+    if code == ExitCode.TIMEOUT:
+        error = _reported_error(end.stdout) or ErrorInfo("Timeout", "the worker reported a timeout (exit 3)")
+        return Outcome(Status.TIMEOUT, error=error, exit_code=code)
+    if code in (ExitCode.RETRIABLE, ExitCode.PERMANENT):
+        retriable = code == ExitCode.RETRIABLE
+        error = _reported_error(end.stdout) or ErrorInfo(
+            "WorkerFailed", f"exited with code {code}{_last_line(end.stderr_tail)}"
+        )
+        return Outcome(Status.FAILED, retriable=retriable, error=error, exit_code=code)
+    if code == ExitCode.OK:
+        return _from_stdout(end.stdout, code)
+    return _failed("WorkerCrashed", f"exited with code {_describe_code(code)}{_last_line(end.stderr_tail)}", False, code)
+
+
+def _from_stdout(stdout: bytes, code: int) -> Outcome:
+    reply, problem = parse_reply(stdout)
+    if reply is None:
+        return _failed("InvalidOutput", problem, retriable=False, code=code)
+    if reply["success"] is True:
+        return Outcome(Status.COMPLETED, result=reply.get("result"), exit_code=code)
+    error = _error_info(reply)
+    return Outcome(Status.FAILED, retriable=_retriable(reply), error=error, exit_code=code)
+
+
+def parse_reply(stdout: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The worker's result object, or None and what is wrong with stdout."""
+    if not stdout.strip():
+        return None, "the worker wrote nothing on stdout (expected one JSON object)"
+    try:
+        reply = json.loads(stdout)
+    except (ValueError, UnicodeDecodeError):
+        return None, f"stdout is not one JSON object: {_quote(stdout)}"
+    if not isinstance(reply, dict):
+        return None, f"stdout is JSON but not an object: {_quote(stdout)}"
+    if not isinstance(reply.get("success"), bool):
+        return None, f'the result object has no boolean "success": {_quote(stdout)}'
+    return reply, ""
+
+
+def _reported_error(stdout: bytes) -> ErrorInfo | None:
+    reply, _ = parse_reply(stdout)
+    if reply is None or reply["success"] is not False:
+        return None
+    return _error_info(reply)
+
+
+def _error_info(reply: dict[str, Any]) -> ErrorInfo:
+    error = reply.get("error")
+    if isinstance(error, dict):
+        kind = error.get("type")
+        message = error.get("message")
+        return ErrorInfo(
+            str(kind) if kind else "WorkerError",
+            str(message) if message is not None else "the worker reported a failure",
+        )
+    if isinstance(error, str):
+        return ErrorInfo("WorkerError", error)
+    return ErrorInfo("WorkerError", "the worker reported a failure without details")
+
+
+def _retriable(reply: dict[str, Any]) -> bool:
+    error = reply.get("error")
+    return isinstance(error, dict) and error.get("retriable") is True
+
+
+def _failed(kind: str, message: str, retriable: bool, code: int | None) -> Outcome:
+    return Outcome(Status.FAILED, retriable=retriable, error=ErrorInfo(kind, message), exit_code=code)
+
+
+def _quote(data: bytes) -> str:
+    head = data[:_QUOTE]
+    more = f" ... ({len(data)} bytes)" if len(data) > _QUOTE else ""
+    return repr(head)[1:] + more
+
+
+def _last_line(stderr: bytes) -> str:
+    lines = stderr.decode("utf-8", "replace").strip().splitlines()
+    return f": {lines[-1][:_QUOTE]}" if lines else ""
+
+
+def _describe_code(code: int | None) -> str:
+    if code is None:
+        return "unknown"
+    if code > 128:
+        try:
+            return f"{code} ({signal.Signals(code - 128).name})"
+        except ValueError:
+            pass
+    return str(code)
+
+
+def _human(size: int) -> str:
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= factor:
+            value = size / factor
+            return f"{value:g} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} bytes"
