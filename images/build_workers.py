@@ -49,8 +49,10 @@ def main() -> int:
     for folder in folders:
         tags = tags_for(folder.name, images)
         if not any(repository(i) == folder.name for i in images):
-            print(f"build-workers: no worker in {config.source} names workers/{folder.name}; "
-                  f"tagging it {tags[0]}", file=sys.stderr)
+            print(
+                f"build-workers: no worker in {config.source} names workers/{folder.name}; tagging it {tags[0]}",
+                file=sys.stderr,
+            )
         command = ["docker", "build", "-q", *(arg for tag in tags for arg in ("-t", tag)), str(folder)]
         print(f"build-workers: {folder.relative_to(ROOT)} -> {', '.join(tags)}", file=sys.stderr)
         done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

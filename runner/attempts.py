@@ -89,7 +89,9 @@ def run_task(
             return Report(current, outcome, attempt, result)
         log.info(
             "task %s: attempt %d failed (retriable), next attempt in %.2fs",
-            task.id, attempt, decision.delay,
+            task.id,
+            attempt,
+            decision.delay,
         )
         sleep(decision.delay)
         attempt += 1
@@ -101,5 +103,11 @@ def _log_attempt(task: Envelope, worker: WorkerConfig, outcome: Outcome, result:
     log.log(
         level,
         "task %s (%s) attempt %d on %s: %s in %.3fs%s",
-        task.id, task.type, task.attempt, worker.name, outcome.status, result.duration, error,
+        task.id,
+        task.type,
+        task.attempt,
+        worker.name,
+        outcome.status,
+        result.duration,
+        error,
     )

@@ -1,8 +1,8 @@
 """``workerhost``: the command line.
 
-    workerhost run TYPE PARAMS      run one task in a container, print its result
-    workerhost validate             check a config file
-    workerhost workers              list the workers, their images and limits
+workerhost run TYPE PARAMS      run one task in a container, print its result
+workerhost validate             check a config file
+workerhost workers              list the workers, their images and limits
 """
 
 from __future__ import annotations
@@ -60,14 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"workerhost {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "-c", "--config", metavar="FILE", default=None,
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=None,
         help="config file (default: $WORKERHOST_CONFIG or ./workerhost.toml)",
     )
     common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser(
-        "run", parents=[common],
+        "run",
+        parents=[common],
         help="run one task in a fresh container and print its result",
         description="Run one task of type TYPE through its worker's container, retrying "
         "retriable failures, and print one JSON object: {id, type, status, attempts, result} "
@@ -75,12 +79,13 @@ def _parser() -> argparse.ArgumentParser:
         "2 failed permanently (also an unknown TYPE or invalid PARAMS), 3 timeout.",
     )
     run.add_argument("type", metavar="TYPE", help="task type, as listed by `workerhost workers`")
-    run.add_argument("params", metavar="PARAMS", help="the task's params as a JSON object, or - to read them from stdin")
+    run.add_argument("params", metavar="PARAMS", help="the task's params as a JSON object, or - for stdin")
     run.add_argument("--correlation-id", default=None, help="carry this correlation id instead of a new one")
     run.set_defaults(handler=_cmd_run)
 
     validate = sub.add_parser(
-        "validate", parents=[common],
+        "validate",
+        parents=[common],
         help="check a config file and list every mistake in it",
         description="Load and validate the config; exit 0 when it is valid, "
         "2 with one line per mistake (file, worker, field, value) when not.",
@@ -88,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=_cmd_validate)
 
     workers = sub.add_parser(
-        "workers", parents=[common],
+        "workers",
+        parents=[common],
         help="list the workers: image (and whether the engine has it), limits, task types",
         description="List every configured worker with its image, whether the Docker engine "
         "has that image, its limits and the task types it handles.",
@@ -139,8 +145,13 @@ def _read_params(text: str) -> dict[str, Any]:
 
 def _refuse(task_type: str, kind: str, message: str) -> int:
     print(message, file=sys.stderr)
-    body = {"id": None, "type": task_type, "status": "failed", "attempts": 0,
-            "error": {"type": kind, "message": message}}
+    body = {
+        "id": None,
+        "type": task_type,
+        "status": "failed",
+        "attempts": 0,
+        "error": {"type": kind, "message": message},
+    }
     print(json.dumps(body))
     return EXIT_USAGE
 
@@ -217,13 +228,21 @@ def _worker_row(worker: WorkerConfig, present: bool | None) -> dict[str, Any]:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    headers = ["NAME", "IMAGE", "PRESENT", "TIMEOUT", "RETRIES", "CPUS", "MEMORY", "PIDS", "NETWORK", "RUNTIME", "TASK TYPES"]
+    headers = ["NAME", "IMAGE", "PRESENT", "TIMEOUT", "RETRIES", "CPUS", "MEMORY", "PIDS", "NETWORK", "RUNTIME"]
+    headers.append("TASK TYPES")
     table = [headers] + [
         [
-            row["name"], row["image"],
+            row["name"],
+            row["image"],
             {True: "yes", False: "MISSING", None: "unknown"}[row["image_present"]],
-            f"{row['timeout']:g}s", str(row["max_retries"]), f"{row['cpus']:g}", row["memory"],
-            str(row["pids_limit"]), row["network"], row["runtime"], ", ".join(row["task_types"]),
+            f"{row['timeout']:g}s",
+            str(row["max_retries"]),
+            f"{row['cpus']:g}",
+            row["memory"],
+            str(row["pids_limit"]),
+            row["network"],
+            row["runtime"],
+            ", ".join(row["task_types"]),
         ]
         for row in rows
     ]

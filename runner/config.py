@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-import sys
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,11 +28,6 @@ from pydantic import (
 
 from runner.errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 DEFAULT_PATH = "workerhost.toml"
 ENV_CONFIG = "WORKERHOST_CONFIG"
 
@@ -46,7 +41,7 @@ _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 def parse_size(value: Any) -> int:
     """Bytes from an int or a string like "256m", "1g", "512KiB" (binary units)."""
     if isinstance(value, bool):
-        raise ValueError("expected a size like \"256m\"")
+        raise ValueError('expected a size like "256m"')
     if isinstance(value, int):
         if value <= 0:
             raise ValueError("a size must be positive")
@@ -94,9 +89,15 @@ class _Section(BaseModel):
 class HostConfig(_Section):
     """``[host]``: this host's identity and capacity."""
 
-    id: str = Field(default_factory=socket.gethostname, min_length=1)
+    id: str = Field(default_factory=socket.gethostname)
     concurrency: int = Field(default=4, ge=1, le=1024)
     http: str = "127.0.0.1:8080"
+
+    @field_validator("id")
+    @classmethod
+    def _default_id(cls, value: str) -> str:
+        # An empty id (say, from "${WORKERHOST_HOST_ID:-}") means the hostname.
+        return value.strip() or socket.gethostname()
 
 
 class EmbeddedSource(_Section):
@@ -166,9 +167,7 @@ class Config(_Section):
     """The whole configuration, as loaded from one file."""
 
     host: HostConfig = Field(default_factory=HostConfig)
-    task_manager: EmbeddedSource | HttpSource = Field(
-        default_factory=EmbeddedSource, discriminator="type"
-    )
+    task_manager: EmbeddedSource | HttpSource = Field(default_factory=EmbeddedSource, discriminator="type")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     workers: list[WorkerConfig] = Field(default_factory=list)
     source: str = Field(default=DEFAULT_PATH, exclude=True)

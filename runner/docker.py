@@ -8,6 +8,7 @@ the only way to see every byte a short-lived container writes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -212,9 +213,7 @@ class DockerRunner:
 
     def _supervise(self, container: str, worker: WorkerConfig, task: Envelope, began: float) -> RunResult:
         try:
-            attach = self.client.attach_socket(
-                container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
-            )
+            attach = self.client.attach_socket(container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
             sock: socket.socket = getattr(attach, "_sock", attach)
             self.client.start(container)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
@@ -377,10 +376,8 @@ def _close(sock: socket.socket, attach: Any) -> None:
     # shutdown acts on the connection whatever other references to it remain
     # (docker-py keeps a buffered reader over the same socket).
     for step in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close, getattr(attach, "close", _noop)):
-        try:
+        with contextlib.suppress(OSError):
             step()
-        except OSError:
-            pass
 
 
 def _noop() -> None:
@@ -406,4 +403,3 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, requests.exceptions.ConnectionError):
         return "the Docker engine does not answer"
     return str(exc) or type(exc).__name__
-

@@ -39,7 +39,6 @@ class ImageMissing(EngineError):
         self.image = image
         self.worker = worker
         super().__init__(
-            f"worker {worker}: image {image} is not on the Docker engine; "
-            "build it with `make build-images`",
+            f"worker {worker}: image {image} is not on the Docker engine; build it with `make build-images`",
             retriable=False,
         )

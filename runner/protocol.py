@@ -157,7 +157,8 @@ def classify(end: ContainerEnd) -> Outcome:
         return Outcome(Status.FAILED, retriable=retriable, error=error, exit_code=code)
     if code == ExitCode.OK:
         return _from_stdout(end.stdout, code)
-    return _failed("WorkerCrashed", f"exited with code {_describe_code(code)}{_last_line(end.stderr_tail)}", False, code)
+    message = f"exited with code {_describe_code(code)}{_last_line(end.stderr_tail)}"
+    return _failed("WorkerCrashed", message, retriable=False, code=code)
 
 
 def _from_stdout(stdout: bytes, code: int) -> Outcome:

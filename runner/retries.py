@@ -50,7 +50,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before the attempt after ``attempt``."""
-        wait = tenacity.wait_exponential_jitter(initial=self.backoff, max=self.backoff_max, jitter=self.backoff)
+        wait = tenacity.wait_exponential_jitter(multiplier=self.backoff, max=self.backoff_max, jitter=self.backoff)
         state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
         state.attempt_number = attempt
         return float(wait(state))
