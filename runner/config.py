@@ -209,12 +209,11 @@ def loads(text: str, source: str = DEFAULT_PATH, environ: Mapping[str, str] | No
         raise ConfigError([f"{source}: invalid TOML: {exc}"]) from None
     problems: list[str] = []
     data = _substitute(raw, os.environ if environ is None else environ, (), raw, source, problems)
+    problems.extend(_duplicates(data, source))
     try:
         config = Config.model_validate({**data, "source": source})
     except ValidationError as exc:
         problems.extend(_describe(error, raw, source) for error in exc.errors())
-        raise ConfigError(problems) from None
-    problems.extend(_duplicate_task_types(config, source))
     if problems:
         raise ConfigError(problems)
     return config
@@ -284,21 +283,30 @@ def _describe(error: Any, raw: dict[str, Any], source: str) -> str:
     return f"{source}: {_where(loc, raw)}: {message} (got {error.get('input')!r})"
 
 
-def _duplicate_task_types(config: Config, source: str) -> list[str]:
+def _duplicates(data: dict[str, Any], source: str) -> list[str]:
+    """Task types claimed twice and names used twice, checked on the raw data so that
+    they are reported together with every other mistake."""
+    workers = data.get("workers")
+    if not isinstance(workers, list):
+        return []
     owners: dict[str, str] = {}
-    problems = []
-    for index, worker in enumerate(config.workers):
-        for task_type in worker.task_types:
-            if task_type in owners:
-                problems.append(
-                    f"{source}: workers[{index}] ({worker.name}).task_types: task type "
-                    f"{task_type!r} already belongs to worker {owners[task_type]}"
-                )
-            else:
-                owners[task_type] = worker.name
     names: set[str] = set()
-    for index, worker in enumerate(config.workers):
-        if worker.name in names:
-            problems.append(f"{source}: workers[{index}] ({worker.name}).name: a second worker with this name")
-        names.add(worker.name)
+    problems = []
+    for index, worker in enumerate(workers):
+        if not isinstance(worker, dict):
+            continue
+        name = str(worker.get("name", f"workers[{index}]"))
+        where = _where(("workers", index), data)
+        if name in names:
+            problems.append(f"{source}: {where}.name: a second worker with this name")
+        names.add(name)
+        task_types = worker.get("task_types")
+        for task_type in task_types if isinstance(task_types, list) else []:
+            if not isinstance(task_type, str):
+                continue
+            if task_type in owners:
+                owner = owners[task_type]
+                problems.append(f"{source}: {where}.task_types: task type {task_type!r} already belongs to {owner}")
+            else:
+                owners[task_type] = name
     return problems

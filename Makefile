@@ -1,0 +1,61 @@
+# workerhost: the user's front door.
+#
+#   make demo          set up everything, build the images, run the example workers
+#   make test          set up everything, build the images, run the whole test suite
+#   make build-images  base images (Python 3.11, 2.7) and every workers/*/Dockerfile
+#   make bench         runner overhead against a bare docker-py loop
+#   make lint          ruff and mypy
+#
+# Set-up is part of every target: a Python virtualenv in .venv with workerhost
+# installed, and a Docker engine (scripts/engine.sh installs and starts one
+# when run as root on Debian; it never touches an engine that already runs).
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install engine build-images build-bases build-workers demo test test-unit lint bench clean-containers
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+engine:
+	scripts/engine.sh
+
+build-bases: engine
+	images/build-bases.sh
+
+build-workers: install build-bases
+	$(PY) images/build_workers.py
+
+build-images: build-bases build-workers
+
+demo: install build-images
+	scripts/demo.sh $(BIN)/workerhost
+
+test: install build-images
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: install build-images
+	$(PY) bench/bench_runner.py
+
+# Remove containers that workerhost left behind (a killed host, an interrupted test run).
+clean-containers: engine
+	@ids=$$(docker ps -aq --filter label=workerhost.host_id); \
+	if [ -n "$$ids" ]; then docker rm -f $$ids; else echo "no workerhost containers"; fi

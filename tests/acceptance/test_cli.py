@@ -1,0 +1,221 @@
+"""``workerhost`` as a user runs it: a subprocess, its stdout, its stderr, its exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import HOST_ID, ROOT
+
+SHIPPED = ROOT / "workerhost.toml"
+
+
+def workerhost_executable() -> str:
+    beside = Path(sys.executable).parent / "workerhost"
+    found = str(beside) if beside.exists() else shutil.which("workerhost")
+    if not found:
+        pytest.fail("the workerhost console script is not installed (pip install -e .)")
+    return found
+
+
+def workerhost(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "WORKERHOST_HOST_ID": HOST_ID, **(env or {})}
+    return subprocess.run(
+        [workerhost_executable(), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=environment,
+        timeout=300,
+    )
+
+
+def output(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, f"expected one JSON line on stdout, got {done.stdout!r} (stderr: {done.stderr})"
+    body: dict[str, Any] = json.loads(lines[0])
+    return body
+
+
+# -- without an engine ----------------------------------------------------------
+
+
+def test_help_describes_every_command() -> None:
+    done = workerhost("--help")
+    assert done.returncode == 0
+    for command in ("run", "validate", "workers"):
+        assert command in done.stdout
+    run_help = workerhost("run", "--help")
+    assert "PARAMS" in run_help.stdout and "3 timeout" in run_help.stdout
+
+
+def test_validate_accepts_the_shipped_config() -> None:
+    done = workerhost("validate")
+    assert done.returncode == 0, done.stderr
+    assert "workerhost.toml: valid (3 workers, 3 task types)" in done.stdout
+
+
+def test_validate_lists_every_mistake_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        """
+[host]
+concurency = 4
+
+[[workers]]
+name = "A"
+image = "a:1"
+task_types = ["T"]
+memory = "lots"
+
+[[workers]]
+name = "B"
+image = "b:1"
+task_types = ["T"]
+timeout = "${NO_SUCH_VARIABLE_HERE}"
+"""
+    )
+    done = workerhost("validate", "-c", str(bad))
+
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert f"{bad}: host.concurency: unknown key" in lines
+    assert any(line.startswith(f"{bad}: workers[0] (A).memory:") and "'lots'" in line for line in lines)
+    assert any("workers[1] (B).timeout" in line and "NO_SUCH_VARIABLE_HERE" in line for line in lines)
+    assert any("workers[1] (B).task_types" in line and "already belongs to A" in line for line in lines)
+    assert "Traceback" not in done.stderr
+
+
+def test_the_config_path_comes_from_workerhost_config(tmp_path: Path) -> None:
+    missing = tmp_path / "elsewhere.toml"
+    done = workerhost("validate", env={"WORKERHOST_CONFIG": str(missing)})
+    assert done.returncode == 2
+    assert f"{missing}: no such file" in done.stderr
+
+
+def test_an_unknown_task_type_exits_2_with_a_json_error() -> None:
+    done = workerhost("run", "No.Such.Type", "{}")
+    assert done.returncode == 2
+    body = output(done)
+    assert body["status"] == "failed"
+    assert body["error"]["type"] == "UnknownTaskType"
+    assert "PrismQ.Example.Echo" in body["error"]["message"]  # it lists the known ones
+
+
+@pytest.mark.parametrize("params", ["{not json", "[1, 2]", '"text"'])
+def test_invalid_params_exit_2(params: str) -> None:
+    done = workerhost("run", "PrismQ.Example.Echo", params)
+    assert done.returncode == 2
+    assert output(done)["error"]["type"] == "InvalidParams"
+
+
+def test_an_unreachable_engine_is_said_plainly(tmp_path: Path) -> None:
+    done = workerhost(
+        "run", "PrismQ.Example.Echo", "{}", env={"DOCKER_HOST": f"unix://{tmp_path}/nothing.sock"}
+    )
+    assert done.returncode == 1
+    body = output(done)
+    assert body["error"]["type"] == "EngineError"
+    assert "does not answer" in body["error"]["message"]
+    assert "Traceback" not in done.stderr
+
+
+# -- with the engine ------------------------------------------------------------
+
+
+@pytest.mark.docker
+def test_workers_lists_images_limits_and_task_types(example_images: None) -> None:
+    done = workerhost("workers", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    legacy = rows["PrismQ.Legacy.NormalizeTags"]
+    assert legacy["image"] == "workerhost/legacy-tags:latest"
+    assert legacy["image_present"] is True
+    assert (legacy["memory"], legacy["pids_limit"], legacy["network"]) == ("64m", 16, "none")
+    assert legacy["task_types"] == ["PrismQ.Legacy.NormalizeTags"]
+    table = workerhost("workers")
+    assert "MEMORY" in table.stdout and "workerhost/text-stats:latest" in table.stdout
+
+
+@pytest.mark.docker
+def test_run_the_python_3_worker(example_images: None) -> None:
+    params = {"title": "Tasks in containers", "text": "Containers isolate tasks. Tasks run anywhere."}
+    done = workerhost("run", "PrismQ.IdeaInspiration.TextStats", json.dumps(params))
+
+    assert done.returncode == 0, done.stderr
+    body = output(done)
+    assert set(body) == {"id", "type", "status", "attempts", "result"}
+    assert (body["status"], body["attempts"], body["type"]) == ("completed", 1, "PrismQ.IdeaInspiration.TextStats")
+    assert body["result"]["words"] == 6
+    assert body["result"]["sentences"] == 2
+    assert body["result"]["keywords"][:2] == ["tasks", "containers"]
+
+
+@pytest.mark.docker
+def test_run_the_python_2_7_worker(example_images: None) -> None:
+    done = workerhost("run", "PrismQ.Legacy.NormalizeTags", '{"tags": ["A b", "a_B", "c"]}')
+
+    assert done.returncode == 0, done.stderr
+    result = output(done)["result"]
+    assert result["python"].startswith("2.7")
+    assert result["tags"] == [{"tag": "a-b", "count": 2}, {"tag": "c", "count": 1}]
+
+
+@pytest.mark.docker
+def test_run_the_shell_worker_with_params_on_stdin(example_images: None) -> None:
+    done = workerhost("run", "PrismQ.Example.Echo", "-", stdin='{"text": "quiet please"}')
+
+    assert done.returncode == 0, done.stderr
+    result = output(done)["result"]
+    assert result["text"] == "QUIET PLEASE"
+    assert result["shell"] == "POSIX sh + jq"
+
+
+@pytest.fixture
+def behave_config(tmp_path: Path, behave_image: str) -> Path:
+    config = tmp_path / "behave.toml"
+    config.write_text(
+        f"""
+[host]
+id = "{HOST_ID}"
+
+[[workers]]
+name = "Test.Behave"
+image = "{behave_image}"
+task_types = ["Test.Behave"]
+timeout = "2s"
+max_retries = 1
+backoff = "50ms"
+"""
+    )
+    return config
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(
+    ("params", "code", "status", "attempts"),
+    [
+        ({"do": "exit", "code": 1}, 1, "failed", 2),
+        ({"do": "exit", "code": 2}, 2, "failed", 1),
+        ({"do": "sleep", "seconds": 30}, 3, "timeout", 1),
+    ],
+)
+def test_run_exit_codes_follow_the_outcome(
+    behave_config: Path, params: dict[str, Any], code: int, status: str, attempts: int
+) -> None:
+    done = workerhost("run", "Test.Behave", json.dumps(params), "-c", str(behave_config))
+
+    assert done.returncode == code, done.stderr
+    body = output(done)
+    assert (body["status"], body["attempts"]) == (status, attempts)
+    assert set(body["error"]) == {"type", "message"}
+    assert "result" not in body
