@@ -212,11 +212,16 @@ class DockerRunner:
         return str(created["Id"])
 
     def _supervise(self, container: str, worker: WorkerConfig, task: Envelope, began: float) -> RunResult:
+        # Attach before start: output written before an attach would be lost.
         try:
             attach = self.client.attach_socket(container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-            sock: socket.socket = getattr(attach, "_sock", attach)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise _translate(exc, f"worker {worker.name}: cannot attach to its container") from None
+        sock: socket.socket = getattr(attach, "_sock", attach)
+        try:
             self.client.start(container)
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            _close(sock, attach)
             raise _translate(exc, f"worker {worker.name}: cannot start its container") from None
         started = time.monotonic()
         # The deadline counts from start, so that engine latency is not the worker's time.

@@ -25,7 +25,9 @@ def workerhost_executable() -> str:
     return found
 
 
-def workerhost(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def workerhost(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, "WORKERHOST_HOST_ID": HOST_ID, **(env or {})}
     return subprocess.run(
         [workerhost_executable(), *args],
@@ -119,9 +121,7 @@ def test_invalid_params_exit_2(params: str) -> None:
 
 
 def test_an_unreachable_engine_is_said_plainly(tmp_path: Path) -> None:
-    done = workerhost(
-        "run", "PrismQ.Example.Echo", "{}", env={"DOCKER_HOST": f"unix://{tmp_path}/nothing.sock"}
-    )
+    done = workerhost("run", "PrismQ.Example.Echo", "{}", env={"DOCKER_HOST": f"unix://{tmp_path}/nothing.sock"})
     assert done.returncode == 1
     body = output(done)
     assert body["error"]["type"] == "EngineError"

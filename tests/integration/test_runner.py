@@ -221,9 +221,7 @@ def test_the_container_sees_the_configured_limits(runner: DockerRunner, behave_i
     assert env["TRACEPARENT"] == report.task.traceparent
 
 
-def test_containers_are_labelled_and_removed(
-    runner: DockerRunner, behave_image: str, docker_client: Any
-) -> None:
+def test_containers_are_labelled_and_removed(runner: DockerRunner, behave_image: str, docker_client: Any) -> None:
     seen: list[dict[str, Any]] = []
 
     def watch() -> None:
@@ -285,3 +283,26 @@ def test_an_unreachable_engine_is_a_retriable_failure_not_a_crash(behave_image: 
     assert report.outcome.error is not None
     assert report.outcome.error.type == "EngineError"
     assert "does not answer" in report.outcome.error.message
+
+
+def test_a_command_that_cannot_start_is_a_permanent_engine_refusal(runner: DockerRunner, behave_image: str) -> None:
+    report, counting = run(runner, worker(behave_image, command=["/no/such/binary"], max_retries=2))
+
+    assert report.outcome.status is Status.FAILED
+    assert not report.outcome.retriable
+    assert len(counting.runs) == 1
+    assert report.outcome.error is not None
+    assert report.outcome.error.type == "EngineError"
+    assert "cannot start its container" in report.outcome.error.message
+    assert "/no/such/binary" in report.outcome.error.message
+
+
+def test_the_sdk_maps_a_permanent_error_on_python_2_7(runner: DockerRunner, example_images: None) -> None:
+    config = worker("workerhost/legacy-tags:latest", memory="64m", max_retries=2)
+    report = run_task(runner, config, new_task("PrismQ.Legacy.NormalizeTags", {"tags": "not a list"}))
+
+    assert report.outcome.status is Status.FAILED
+    assert report.attempts == 1
+    assert report.outcome.error is not None
+    assert report.outcome.error.type == "PermanentError"
+    assert report.outcome.error.message == "params.tags must be a list of strings"
