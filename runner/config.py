@@ -83,7 +83,8 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `concurrency = true` or `cpus = "2"` are mistakes, not 1 and 2.0.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class HostConfig(_Section):
@@ -239,10 +240,13 @@ def _substitute(
         if match.group(0) == "$$":
             return "$"
         name, default = match.group(1), match.group(2)
-        if name in environ:
-            return environ[name]
-        if default is not None:
+        current = environ.get(name)
+        if current:
+            return current
+        if default is not None:  # as in the shell: ":-" covers unset and empty
             return default
+        if current is not None:
+            return current
         problems.append(
             f"{source}: {_where(loc, raw)}: environment variable {name} is not set "
             f"(in {value!r}; write ${{{name}:-default}} to give a default)"

@@ -91,6 +91,8 @@ class _Streams:
         self.cap_hit: str | None = None
 
     def add(self, stream: int, data: bytes) -> None:
+        if self.cap_hit:
+            return
         if stream == STDOUT:
             if len(self.stdout) + len(data) > self.max_stdout:
                 self.cap_hit = "stdout"

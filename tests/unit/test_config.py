@@ -354,11 +354,6 @@ def test_variable_wins_over_its_default() -> None:
     assert cfg.host.http == "127.0.0.1:1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ${VAR:-default} keeps an empty VAR instead of using the default (shell/compose use it when "
-    "VAR is unset OR empty)",
-)
 def test_default_is_used_when_the_variable_is_empty() -> None:
     cfg = _load('[host]\nhttp = "${HTTP:-0.0.0.0:9000}"\n', {"HTTP": ""})
     assert cfg.host.http == "0.0.0.0:9000"
@@ -441,16 +436,19 @@ def test_duplicates_are_all_reported() -> None:
     assert any(p.startswith("test.toml: workers[1] (a).name: ") for p in problems)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a task type claimed twice (or a duplicate name) is not reported when any field is invalid: "
-    "duplicates are checked only after validation succeeded, so mistakes are not all reported at once",
-)
 def test_duplicate_task_type_is_reported_alongside_field_errors() -> None:
     text = _worker("a", '["T.A"]') + _worker("b", '["T.A"]', 'memory = "256q"')
     problems = _problems(text)
     assert any(p.startswith("test.toml: workers[1] (b).memory: ") for p in problems)
     assert any(p.startswith("test.toml: workers[1] (b).task_types: ") for p in problems)
+
+
+def test_duplicate_name_is_reported_alongside_field_errors() -> None:
+    text = _worker("a", '["T.A"]', "bogus = 1") + _worker("a", '["T.B"]')
+    problems = _problems(text)
+    assert len(problems) == 2, problems
+    assert "test.toml: workers[0] (a).bogus: unknown key" in problems
+    assert any(p.startswith("test.toml: workers[1] (a).name: ") for p in problems)
 
 
 # -- the shipped file and the lookups ------------------------------------------------------------
@@ -507,3 +505,11 @@ def test_config_is_frozen() -> None:
     cfg = _load(WORKER)
     with pytest.raises(ValueError):
         cfg.workers[0].memory = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("field", "value"), [("concurrency", "true"), ("max_retries", '"3"'), ("cpus", '"2"')])
+def test_a_value_of_the_wrong_type_is_not_coerced(field: str, value: str) -> None:
+    text = f'[[workers]]\nname = "w"\nimage = "i"\ntask_types = ["t"]\n{field} = {value}\n'
+    with pytest.raises(ConfigError) as caught:
+        _load(text, {})
+    assert any(f"workers[0] (w).{field}:" in line for line in caught.value.problems)

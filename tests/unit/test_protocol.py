@@ -196,9 +196,7 @@ def test_oom_killed_is_permanent_naming_the_limit(memory: int, shown: str) -> No
 
 
 def test_oom_killed_beats_exit_code_and_stdout() -> None:
-    outcome = classify(
-        ContainerEnd(exit_code=0, stdout=_json({"success": True}), oom_killed=True, memory=64 * MiB)
-    )
+    outcome = classify(ContainerEnd(exit_code=0, stdout=_json({"success": True}), oom_killed=True, memory=64 * MiB))
     assert outcome.status is Status.FAILED
     assert outcome.error is not None
     assert outcome.error.type == "MemoryLimitExceeded"

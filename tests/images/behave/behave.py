@@ -48,11 +48,15 @@ def probe():
         f.write("x")
     return {
         "memory_limit": read_cgroup("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-        "memsw_limit": read_cgroup("/sys/fs/cgroup/memory.swap.max", "/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes"),
+        "memsw_limit": read_cgroup(
+            "/sys/fs/cgroup/memory.swap.max", "/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes"
+        ),
         "pids_limit": read_cgroup("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
         "cpu_max": read_cgroup("/sys/fs/cgroup/cpu.max"),
         "cfs_quota": read_cgroup("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us"),
-        "cfs_period": read_cgroup("/sys/fs/cgroup/cpu/cpu.cfs_period_us", "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us"),
+        "cfs_period": read_cgroup(
+            "/sys/fs/cgroup/cpu/cpu.cfs_period_us", "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us"
+        ),
         "uid": os.getuid(),
         "gid": os.getgid(),
         "root_writable": root_writable,
@@ -86,7 +90,7 @@ def main():
     task = json.loads(sys.stdin.read() or "{}") if os.environ.get("TEST_IGNORE_STDIN") != "1" else {}
     params = task.get("params", {})
     do = params.get("do", "ok")
-    sys.stderr.write("behave: %s attempt %s\n" % (do, task.get("attempt")))
+    sys.stderr.write(f"behave: {do} attempt {task.get('attempt')}\n")
     if do == "ok":
         ok({"params": params, "attempt": task.get("attempt"), "task": {k: v for k, v in task.items() if k != "params"}})
     elif do == "exit":
