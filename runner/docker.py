@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import selectors
 import socket
-import threading
+import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -35,10 +36,7 @@ LABEL_ATTEMPT = "workerhost.attempt"
 
 STDOUT, STDERR = 1, 2
 STDERR_TAIL = 64 * 1024
-# Up to this size the task goes into the socket's send buffer at once, so no
-# writer thread is needed; larger tasks are fed by a thread while we read.
-_INLINE_WRITE = 64 * 1024
-_READ_CHUNK = 256 * 1024
+_CHUNK = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -231,17 +229,14 @@ class DockerRunner:
         task = replace(task, deadline=datetime.now(UTC) + timedelta(seconds=worker.timeout))
         streams = _Streams(worker.max_stdout, worker.max_stderr)
         try:
-            writer = _feed(sock, task.to_json(), deadline)
-            deadline_hit = _pump(sock, streams, deadline)
+            deadline_hit = _exchange(sock, task.to_json(), streams, deadline)
             if deadline_hit or streams.cap_hit:
-                # Close the socket first: it unblocks the writer and stops dockerd
-                # buffering output for us while the kill is delivered.
+                # Close the socket first, so that dockerd stops copying output
+                # to us while the kill is delivered.
                 _close(sock, attach)
                 self._kill(container)
             else:
                 deadline_hit = not self._wait(container, deadline)
-            if writer is not None:
-                writer.join(timeout=5)
         finally:
             _close(sock, attach)
         state, image_id = self._inspect(container)
@@ -322,61 +317,57 @@ class DockerRunner:
             log.warning("could not remove container %s: %s", container[:12], _reason(exc))
 
 
-def _feed(sock: socket.socket, payload: bytes, deadline: float) -> threading.Thread | None:
-    """Write the task to stdin and half-close; in a thread when it may block."""
-    if len(payload) <= _INLINE_WRITE:
-        _write(sock, payload, deadline)
-        return None
-    # A separate socket object (same connection) so the reader's timeouts do not
-    # cut the writer's sendall short; shutting the connection down unblocks it.
-    dup = sock.dup()
-    dup.settimeout(None)
-    thread = threading.Thread(target=_write_and_close, args=(dup, payload), daemon=True, name="workerhost-stdin")
-    thread.start()
-    return thread
+def _exchange(sock: socket.socket, payload: bytes, streams: _Streams, deadline: float) -> bool:
+    """Write the task to stdin (then half-close) while reading the output frames.
 
-
-def _write(sock: socket.socket, payload: bytes, deadline: float) -> None:
-    try:
-        sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass  # the worker exited or ignored stdin; its output tells the rest
-
-
-def _write_and_close(sock: socket.socket, payload: bytes) -> None:
-    try:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
-def _pump(sock: socket.socket, streams: _Streams, deadline: float) -> bool:
-    """Read frames until the stream ends, a cap is passed (stop) or the deadline passes (True)."""
+    One non-blocking loop does both, so a large task and a large result cannot
+    deadlock each other, and a worker that never reads stdin cannot block us.
+    Returns when the output ends or a cap is passed (False), or when the
+    deadline passes (True).
+    """
+    sock.setblocking(False)
     demux = Demuxer()
-    buffer = bytearray(_READ_CHUNK)
-    view = memoryview(buffer)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return True
-        sock.settimeout(remaining)
-        try:
-            size = sock.recv_into(buffer)
-        except TimeoutError:
-            return True
-        except OSError:
-            return False  # the connection went away; inspect tells how the container ended
-        if size == 0:
-            return False
-        for stream, data in demux.feed(view[:size].tobytes()):
-            streams.add(stream, data)
-            if streams.cap_hit:
-                return False
+    pending = memoryview(payload)
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        writing = True
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            for _, mask in selector.select(remaining):
+                if writing and mask & selectors.EVENT_WRITE:
+                    pending, writing = _send_some(sock, pending)
+                    if not writing:
+                        selector.modify(sock, selectors.EVENT_READ)
+                if mask & selectors.EVENT_READ:
+                    try:
+                        data = sock.recv(_CHUNK)
+                    except (BlockingIOError, ssl.SSLWantReadError):
+                        continue
+                    except OSError:
+                        return False  # the connection went away; inspect tells how the container ended
+                    if not data:
+                        return False
+                    for stream, chunk in demux.feed(data):
+                        streams.add(stream, chunk)
+                    if streams.cap_hit:
+                        return False
+
+
+def _send_some(sock: socket.socket, pending: memoryview) -> tuple[memoryview, bool]:
+    """Send what the socket takes now; half-close stdin once all is sent. Returns (rest, still writing)."""
+    try:
+        if pending:
+            pending = pending[sock.send(pending[:_CHUNK]) :]
+        if not pending:
+            sock.shutdown(socket.SHUT_WR)  # EOF on the worker's stdin
+            return pending, False
+    except (BlockingIOError, ssl.SSLWantWriteError):
+        pass
+    except OSError:
+        return pending, False  # the worker exited or closed stdin; its output tells the rest
+    return pending, True
 
 
 def _close(sock: socket.socket, attach: Any) -> None:
