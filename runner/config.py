@@ -93,6 +93,9 @@ class HostConfig(_Section):
     id: str = Field(default_factory=socket.gethostname)
     concurrency: int = Field(default=4, ge=1, le=1024)
     http: str = "127.0.0.1:8080"
+    grace: Duration = 30.0  # on shutdown, how long tasks in flight may finish
+    poll_max: Duration = 2.0  # the longest pause between claims when the queue is idle
+    max_body: Size = 16 * 1024**2  # the largest request the HTTP API accepts
 
     @field_validator("id")
     @classmethod
@@ -106,16 +109,20 @@ class EmbeddedSource(_Section):
 
     type: Literal["embedded"] = "embedded"
     path: str = "var/workerhost.db"
+    lease: Duration = 30.0  # a claim's lease; renewed while the container runs
 
 
 class HttpSource(_Section):
     """``[task_manager] type = "http"``: a PrismQ TaskManager HTTP API."""
 
     type: Literal["http"]
-    url: str = Field(min_length=1)
+    url: str = Field(min_length=1)  # base URL of the API, e.g. "http://taskmanager/api"
     api_key: str = ""
-    worker_id: str = ""
-    task_types: list[str] = Field(default_factory=list)
+    worker_id: str = ""  # defaults to the host id
+    task_types: list[str] = Field(default_factory=list)  # defaults to every configured task type
+    claim_timeout: Duration = 300.0  # the server's claim timeout: a claim expires after it
+    register_task_types: bool = False  # register configured task types the server does not know
+    request_timeout: Duration = 10.0
 
 
 class TelemetryConfig(_Section):
