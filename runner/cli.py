@@ -8,6 +8,7 @@ workerhost workers              list the workers, their images and limits
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 from runner import __version__
 from runner import config as config_module
 from runner.attempts import Report, new_task, run_task
+from runner.client import ApiUnavailable, Client, exit_code
 from runner.config import Config, WorkerConfig, format_size
 from runner.docker import STDERR_TAIL, DockerRunner, connect
 from runner.errors import ConfigError, EngineError
@@ -37,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
@@ -46,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_USAGE
+    except ApiUnavailable as exc:
+        print(f"workerhost: {exc}", file=sys.stderr)
+        return 4 if exc.status == 404 else 5
     except KeyboardInterrupt:
         return 130
 
@@ -101,6 +107,49 @@ def _parser() -> argparse.ArgumentParser:
     )
     workers.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     workers.set_defaults(handler=_cmd_workers)
+
+    serve = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="run the host: claim tasks, run each in a container, report them, serve the API",
+        description="Claim tasks from the configured source ([task_manager]), run each in a fresh "
+        "container of its worker, report the outcome, and serve the HTTP API at [host] http. "
+        "SIGTERM or SIGINT drains (up to [host] grace); a second one exits at once.",
+    )
+    serve.add_argument("--burst", action="store_true", help="exit once the queue is empty and nothing runs")
+    serve.set_defaults(handler=_cmd_serve)
+
+    api = argparse.ArgumentParser(add_help=False, parents=[common])
+    api.add_argument("--url", default=None, help="the API of a running host (default: http://[host] http)")
+
+    submit = sub.add_parser(
+        "submit", parents=[api], help="submit a task to a running host",
+        description="Submit a task to a running `workerhost serve` and print it. With --wait, wait for "
+        "its end, print it, and exit like `workerhost run`: 0 completed, 1 dead (retries used up), "
+        "2 failed, 3 timeout.",
+    )  # fmt: skip
+    submit.add_argument("type", metavar="TYPE")
+    submit.add_argument("params", metavar="PARAMS", help="a JSON object, or - for stdin")
+    submit.add_argument("--wait", action="store_true", help="wait for the task to end")
+    submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    submit.add_argument("--idempotency-key", default=None, help="the same key returns the same task")
+    submit.add_argument("--priority", type=int, default=None, help="higher runs first")
+    submit.set_defaults(handler=_cmd_submit)
+
+    tasks = sub.add_parser("tasks", parents=[api], help="list tasks of a running host, newest first")
+    tasks.add_argument("--status", default=None, help="pending, running, completed, failed or dead")
+    tasks.add_argument("--type", default=None, help="only this task type")
+    tasks.add_argument("--limit", type=int, default=50)
+    tasks.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
+    tasks.set_defaults(handler=_cmd_tasks)
+
+    task = sub.add_parser("task", parents=[api], help="show one task: status, attempts, result or error")
+    task.add_argument("id", metavar="ID")
+    task.set_defaults(handler=_cmd_task)
+
+    retry = sub.add_parser("retry", parents=[api], help="send a failed or dead task back to the queue")
+    retry.add_argument("id", metavar="ID")
+    retry.set_defaults(handler=_cmd_retry)
     return parser
 
 
@@ -167,6 +216,70 @@ def _show_stderr(report: Report) -> None:
     if tail:
         lines = tail.splitlines()[-_STDERR_LINES:]
         log.warning("last %d lines of the worker's stderr:\n%s", len(lines), "\n".join(lines))
+
+
+# -- serve and its clients ------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from runner.serve import serve
+
+    config = config_module.load(args.config)
+    return asyncio.run(serve(config, burst=args.burst))
+
+
+def _client(args: argparse.Namespace) -> Client:
+    url = args.url
+    if url is None:
+        try:
+            url = "http://" + config_module.load(args.config).host.http
+        except ConfigError:
+            url = "http://127.0.0.1:8080"
+    return Client(url)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        params = _read_params(args.params)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    client = _client(args)
+    try:
+        task = client.submit(args.type, params, idempotency_key=args.idempotency_key, priority=args.priority)
+    except ApiUnavailable as exc:
+        if exc.status == 422:  # an unknown type, params that are not an object
+            print(f"workerhost: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    if args.wait:
+        task = client.wait(task["id"], timeout=args.timeout)
+    print(json.dumps(task, ensure_ascii=False))
+    return exit_code(task) if args.wait else 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    found = _client(args).list(args.status, args.type, args.limit)
+    if args.json:
+        print(json.dumps(found, indent=2, ensure_ascii=False))
+        return 0
+    rows = [["ID", "TYPE", "STATUS", "ATTEMPTS", "CREATED", "ERROR"]]
+    for task in found:
+        error = task.get("error") or {}
+        message = f"{error.get('type')}: {error.get('message')}"[:60] if error else ""
+        rows.append([task["id"], task["type"], task["status"], str(task["attempts"]), task["created_at"], message])
+    _print_rows(rows)
+    return 0
+
+
+def _cmd_task(args: argparse.Namespace) -> int:
+    print(json.dumps(_client(args).get(args.id), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    print(json.dumps(_client(args).retry(args.id), ensure_ascii=False))
+    return 0
 
 
 # -- validate -----------------------------------------------------------------
@@ -246,6 +359,10 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         ]
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
+    _print_rows(table)
+
+
+def _print_rows(table: list[list[str]]) -> None:
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import selectors
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -33,6 +35,8 @@ LABEL_TASK = "workerhost.task_id"
 LABEL_WORKER = "workerhost.worker"
 LABEL_HOST = "workerhost.host_id"
 LABEL_ATTEMPT = "workerhost.attempt"
+LABEL_OWNER = "workerhost.owner"
+API_VERSION = "1.41"
 
 STDOUT, STDERR = 1, 2
 STDERR_TAIL = 64 * 1024
@@ -108,25 +112,38 @@ class _Streams:
         return self.max_stdout if self.cap_hit == "stdout" else self.max_stderr
 
 
-def connect(timeout: float = 60.0) -> docker.APIClient:
-    """A low-level client for the engine that ``DOCKER_HOST`` (or the default socket) names."""
+def connect(timeout: float = 60.0, check: bool = True) -> docker.APIClient:
+    """A low-level client for the engine that ``DOCKER_HOST`` (or the default socket) names.
+
+    With ``check``, the engine must answer now (EngineError otherwise); without,
+    the client is made all the same, for a host that waits for its engine.
+    """
     kwargs = docker.utils.kwargs_from_env()
-    try:
-        return docker.APIClient(version="auto", timeout=timeout, max_pool_size=64, **kwargs)
-    except docker.errors.DockerException as exc:
-        where = kwargs.get("base_url") or "unix:///var/run/docker.sock"
-        raise EngineError(
-            f"the Docker engine at {where} does not answer ({_reason(exc)}); "
-            "start it (scripts/engine.sh does, as root) or set DOCKER_HOST"
-        ) from None
+    # A fixed API version (Docker 20.10's) needs no round trip to build the client,
+    # and every engine since speaks it.
+    client = docker.APIClient(version=API_VERSION, timeout=timeout, max_pool_size=256, **kwargs)
+    if check:
+        try:
+            client.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise EngineError(f"{_unreachable()} ({_reason(exc)})") from None
+    return client
+
+
+def _unreachable() -> str:
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    return (
+        f"the Docker engine at {where} does not answer; start it (scripts/engine.sh does, as root) or set DOCKER_HOST"
+    )
 
 
 class DockerRunner:
     """Runs tasks, each in a fresh container, with the worker's limits."""
 
-    def __init__(self, client: docker.APIClient, host_id: str) -> None:
+    def __init__(self, client: docker.APIClient, host_id: str, owner: str = "") -> None:
         self.client = client
         self.host_id = host_id
+        self.owner = owner  # this process, so that a later one can tell its orphans from a live sibling's
         self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="workerhost-remove")
 
     # -- public -----------------------------------------------------------------
@@ -158,6 +175,48 @@ class DockerRunner:
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise EngineError(f"cannot inspect image {image}: {_reason(exc)}") from None
         return True
+
+    def ping(self) -> str | None:
+        """None when the engine answers, else why not."""
+        try:
+            self.client.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            return f"{_unreachable()} ({_reason(exc)})"
+        return None
+
+    def kill_task(self, task_id: str) -> int:
+        """Kill this host's containers of a task (shutdown past its grace); returns how many."""
+        killed = 0
+        for container in self._containers({LABEL_TASK: task_id, LABEL_HOST: self.host_id}, running=True):
+            with contextlib.suppress(EngineError):
+                self._kill(container["Id"])
+                killed += 1
+        return killed
+
+    def reap(self, alive: Callable[[str], bool]) -> list[tuple[str, str]]:
+        """Remove the containers a dead instance of this host left behind.
+
+        ``alive(owner)`` tells whether the process that owns a container still
+        runs (a sibling ``serve`` sharing this host id keeps its containers).
+        Returns (task id, owner) for each container removed.
+        """
+        reaped = []
+        for container in self._containers({LABEL_HOST: self.host_id}, running=False):
+            labels = container.get("Labels") or {}
+            owner = labels.get(LABEL_OWNER, "")
+            if owner == self.owner or (owner and alive(owner)):
+                continue
+            self._remove(container["Id"])
+            reaped.append((labels.get(LABEL_TASK, ""), owner))
+        return reaped
+
+    def _containers(self, labels: dict[str, str], running: bool) -> list[dict[str, Any]]:
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        try:
+            found: list[dict[str, Any]] = self.client.containers(all=not running, filters=filters)
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise _translate(exc, "cannot list containers") from None
+        return found
 
     def close(self) -> None:
         """Wait for the removals still under way."""
@@ -192,6 +251,7 @@ class DockerRunner:
             LABEL_WORKER: worker.name,
             LABEL_HOST: self.host_id,
             LABEL_ATTEMPT: str(task.attempt),
+            LABEL_OWNER: self.owner,
         }
         environment = {**worker.env, **task.environment()}
         try:
@@ -399,5 +459,5 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, docker.errors.APIError):
         return str(exc.explanation or exc)
     if isinstance(exc, requests.exceptions.ConnectionError):
-        return "the Docker engine does not answer"
+        return "the Docker engine does not answer: no connection"
     return str(exc) or type(exc).__name__

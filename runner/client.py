@@ -1,0 +1,95 @@
+"""A small client for the HTTP API of a running ``workerhost serve`` (what the CLI uses)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from runner.errors import WorkerhostError
+
+FINAL = ("completed", "failed", "dead")
+
+
+class ApiUnavailable(WorkerhostError):
+    """The API did not answer, or answered with an error; the message says which."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class Client:
+    """``submit``, ``get``, ``list``, ``retry`` and ``wait`` against ``base_url``."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def submit(self, task_type: str, params: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        body = {"type": task_type, "params": params, **{k: v for k, v in extra.items() if v is not None}}
+        return self._object("POST", "/tasks", json=body)
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        return self._object("GET", f"/tasks/{task_id}")
+
+    def list(self, status: str | None = None, task_type: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params = {k: v for k, v in {"status": status, "type": task_type, "limit": limit}.items() if v is not None}
+        found: list[dict[str, Any]] = self._call("GET", "/tasks", params=params)
+        return found
+
+    def retry(self, task_id: str) -> dict[str, Any]:
+        return self._object("POST", f"/tasks/{task_id}/retry")
+
+    def wait(self, task_id: str, timeout: float | None = None, interval: float = 0.2) -> dict[str, Any]:
+        """Poll until the task is completed, failed or dead (or ``timeout`` passes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            task = self.get(task_id)
+            if task["status"] in FINAL:
+                return task
+            if deadline is not None and time.monotonic() > deadline:
+                raise ApiUnavailable(f"task {task_id} is still {task['status']} after {timeout:g}s")
+            time.sleep(interval)
+            interval = min(interval * 1.5, 2.0)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _object(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        body = self._call(method, path, **kwargs)
+        if not isinstance(body, dict):
+            raise ApiUnavailable(f"{method} {path}: expected a JSON object")
+        return body
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ApiUnavailable(
+                f"workerhost at {self.base_url} does not answer ({exc.__class__.__name__}: {exc}); "
+                "is `workerhost serve` running? (--url or [host] http names it)"
+            ) from None
+        try:
+            body = response.json()
+        except ValueError:
+            raise ApiUnavailable(
+                f"{method} {path}: HTTP {response.status_code}, not JSON", response.status_code
+            ) from None
+        if response.is_error:
+            message = body.get("error") if isinstance(body, dict) else None
+            raise ApiUnavailable(f"{method} {path}: {message or response.reason_phrase}", response.status_code)
+        return body
+
+
+def exit_code(task: dict[str, Any]) -> int:
+    """The exit code ``workerhost run`` would give: 0 completed, 1 dead, 2 failed, 3 timeout."""
+    status = task.get("status")
+    if status == "completed":
+        return 0
+    if task.get("outcome") == "timeout":
+        return 3
+    if status == "dead":
+        return 1
+    return 2

@@ -1,0 +1,131 @@
+"""``workerhost serve``: the host loop and its HTTP API in one process, with signal handling.
+
+The first SIGTERM or SIGINT drains (no new claims; tasks in flight get
+``[host] grace`` to finish, then their containers are killed and their tasks
+handed back); a second one exits at once, leaving the rest to the next
+start's reaping and the leases' expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+from runner.api import create_app
+from runner.config import Config
+from runner.docker import DockerRunner, connect
+from runner.host import Host, new_owner
+from runner.sources import TaskSource
+from runner.sources.embedded import EmbeddedQueue
+from runner.telemetry.events import Hooks, log_hook
+from runner.telemetry.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+def open_source(config: Config, owner: str) -> tuple[TaskSource, EmbeddedQueue | None]:
+    """The configured task source, and the embedded queue when that is what it is."""
+    manager = config.task_manager
+    if manager.type == "embedded":
+        queue = EmbeddedQueue(manager.path, owner=owner, lease=manager.lease)
+        return queue, queue
+    from runner.sources.http import HttpTaskSource
+
+    return HttpTaskSource(manager, config.host.id, config.task_types()), None
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the host owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def install_signal_handlers(self) -> None:
+        pass
+
+
+async def serve(config: Config, burst: bool = False) -> int:
+    """Run the host and its API until a signal (or, with ``burst``, until the queue is empty)."""
+    owner = new_owner()
+    source, queue = open_source(config, owner)
+    start = getattr(source, "start", None)
+    if start is not None:
+        await start()
+    runner = DockerRunner(connect(check=False), config.host.id, owner)
+    _warn_about_images(config, runner)
+    metrics = Metrics()
+    host = Host(config, source, runner, Hooks([log_hook, metrics]), owner=owner)
+    app = create_app(host, metrics, queue)
+    address, _, port = config.host.http.rpartition(":")
+    server = _Server(uvicorn.Config(app, host=address or "127.0.0.1", port=int(port), log_level="warning",
+                                    access_log=False, lifespan="off"))  # fmt: skip
+    api = asyncio.create_task(server.serve(), name="api")
+    signals = _SignalHandler(host)
+    signals.install()
+    log.info("workerhost serve: host %s, %d workers, %s source, API on http://%s",
+             config.host.id, len(config.workers), config.task_manager.type, config.host.http)  # fmt: skip
+    try:
+        loop_task = asyncio.create_task(host.run(burst=burst), name="host")
+        done, _ = await asyncio.wait({loop_task, api}, return_when=asyncio.FIRST_COMPLETED)
+        if api in done and not loop_task.done():
+            # The API could not start (port in use, say): stop the loop too.
+            host.stop()
+            await loop_task
+        await loop_task
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(api, 5)
+        signals.uninstall()
+        await source.close()
+        runner.close()
+    if api.done() and not api.cancelled() and api.exception() is not None:
+        raise api.exception()  # type: ignore[misc]
+    return 0
+
+
+class _SignalHandler:
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.count = 0
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def uninstall(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.count += 1
+        if self.count == 1:
+            log.warning("%s: draining (send it again to exit at once)", sig.name)
+            self.host.stop()
+            return
+        log.warning("%s again: exiting now; the next start reaps what is left", sig.name)
+        logging.shutdown()
+        os._exit(128 + sig.value)
+
+
+def _warn_about_images(config: Config, runner: DockerRunner) -> None:
+    error = runner.ping()
+    if error:
+        log.warning("%s; tasks will fail (retriably) until it answers", error)
+        return
+    for worker in config.workers:
+        try:
+            if not runner.image_present(worker.image):
+                log.warning("worker %s: image %s is missing; build it with `make build-images`",
+                            worker.name, worker.image)  # fmt: skip
+        except Exception as exc:
+            log.warning("worker %s: cannot check image %s: %s", worker.name, worker.image, exc)

@@ -1,0 +1,366 @@
+"""The embedded queue: SQLite in WAL mode, the default task source.
+
+Statuses: ``pending`` (waiting, maybe until ``run_at`` for a retry), ``running``
+(claimed under a lease), ``completed``, ``failed`` (permanently, or timed out)
+and ``dead`` (retriable failures that used up their attempts: the dead-letter
+list). A claim takes a lease that the host renews while the container runs; a
+task whose lease expired (its host died) is claimable again, its attempt
+counted, and goes to ``dead`` when no attempt is left.
+
+Every write is one ``BEGIN IMMEDIATE`` transaction, so several ``serve``
+processes can share one file without running a task twice at the same time.
+SQLite calls are short and run in a worker thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from runner.sources import ClaimedTask, Finished, LeaseLost, SourceUnavailable
+
+T = TypeVar("T")
+
+STATUSES = ("pending", "running", "completed", "failed", "dead")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id              TEXT PRIMARY KEY,
+    type            TEXT NOT NULL,
+    params          TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    priority        INTEGER NOT NULL DEFAULT 0,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    max_attempts    INTEGER NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    correlation_id  TEXT NOT NULL,
+    traceparent     TEXT,
+    run_at          REAL NOT NULL,
+    lease_owner     TEXT,
+    lease_expires   REAL,
+    outcome         TEXT,
+    retriable       INTEGER,
+    result          TEXT,
+    error_type      TEXT,
+    error_message   TEXT,
+    worker          TEXT,
+    image_id        TEXT,
+    stderr_tail     TEXT,
+    duration        REAL,
+    created_at      REAL NOT NULL,
+    started_at      REAL,
+    finished_at     REAL,
+    updated_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_claim ON tasks (status, type, run_at);
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at);
+"""
+
+
+class EmbeddedQueue:
+    """The SQLite task source, plus what the HTTP API needs: submit, get, list, retry."""
+
+    def __init__(self, path: str | Path, owner: str, lease: float = 30.0) -> None:
+        self.path = Path(path)
+        self.owner = owner  # this process's lease token
+        self.lease = lease
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise SourceUnavailable(f"cannot open the embedded queue at {self.path}: {exc}") from None
+
+    # -- the port -----------------------------------------------------------------
+
+    async def claim(self, task_types: Collection[str]) -> ClaimedTask | None:
+        return await self._async(self.claim_now, list(task_types))
+
+    async def renew(self, task: ClaimedTask) -> None:
+        await self._async(self._renew, task)
+
+    async def complete(self, task: ClaimedTask, finished: Finished) -> None:
+        await self._async(self._settle, task, finished, None)
+
+    async def fail(self, task: ClaimedTask, finished: Finished, retry_in: float | None) -> None:
+        await self._async(self._settle, task, finished, retry_in)
+
+    async def release(self, task: ClaimedTask) -> None:
+        await self._async(self._release, task.id, self.owner)
+
+    async def recover(self, task_id: str, owner: str) -> None:
+        await self._async(self._release, task_id, owner)
+
+    async def health(self) -> dict[str, Any]:
+        counts = await self._async(self.counts)
+        return {"type": "embedded", "path": str(self.path), "reachable": True, "tasks": counts}
+
+    async def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- claiming and settling ------------------------------------------------------
+
+    def claim_now(self, task_types: list[str]) -> ClaimedTask | None:
+        """Claim the next ready task of these types (pending and due, or with an expired lease)."""
+        if not task_types:
+            return None
+        now = time.time()
+        marks = ",".join("?" * len(task_types))
+        with self._write() as db:
+            # Leases that expired with no attempt left: the dead-letter list.
+            db.execute(
+                f"""UPDATE tasks SET status = 'dead', outcome = 'failed', retriable = 1,
+                        error_type = 'LeaseExpired',
+                        error_message = 'its host stopped renewing the lease and no attempt is left',
+                        lease_owner = NULL, finished_at = ?, updated_at = ?
+                    WHERE status = 'running' AND lease_expires < ? AND attempts >= max_attempts
+                      AND type IN ({marks})""",
+                (now, now, now, *task_types),
+            )
+            row = db.execute(
+                f"""SELECT id FROM tasks
+                    WHERE type IN ({marks})
+                      AND ((status = 'pending' AND run_at <= ?) OR (status = 'running' AND lease_expires < ?))
+                    ORDER BY priority DESC, run_at, rowid LIMIT 1""",
+                (*task_types, now, now),
+            ).fetchone()
+            if row is None:
+                return None
+            claimed = db.execute(
+                """UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?,
+                        lease_expires = ?, started_at = ?, updated_at = ?
+                    WHERE id = ? RETURNING *""",
+                (self.owner, now + self.lease, now, now, row["id"]),
+            ).fetchone()
+        return ClaimedTask(
+            id=claimed["id"],
+            type=claimed["type"],
+            params=json.loads(claimed["params"]),
+            attempt=claimed["attempts"],
+            correlation_id=claimed["correlation_id"],
+            traceparent=claimed["traceparent"],
+            receipt=claimed["attempts"],
+        )
+
+    def _renew(self, task: ClaimedTask) -> None:
+        now = time.time()
+        with self._write() as db:
+            cursor = db.execute(
+                """UPDATE tasks SET lease_expires = ?, updated_at = ?
+                    WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?""",
+                (now + self.lease, now, task.id, self.owner, task.receipt),
+            )
+        if cursor.rowcount == 0:
+            raise LeaseLost(f"task {task.id}: the lease was lost (it expired and the task moved on)")
+
+    def _settle(self, task: ClaimedTask, finished: Finished, retry_in: float | None) -> None:
+        outcome = finished.outcome
+        now = time.time()
+        if outcome.ok:
+            status, run_at = "completed", None
+        elif retry_in is not None:
+            status, run_at = "pending", now + retry_in
+        else:
+            status, run_at = ("dead" if outcome.retriable else "failed"), None
+        error = outcome.error
+        with self._write() as db:
+            cursor = db.execute(
+                """UPDATE tasks SET status = ?, run_at = COALESCE(?, run_at), lease_owner = NULL,
+                        lease_expires = NULL, outcome = ?, retriable = ?, result = ?, error_type = ?,
+                        error_message = ?, worker = ?, image_id = ?, stderr_tail = ?, duration = ?,
+                        finished_at = ?, updated_at = ?
+                    WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?""",
+                (
+                    status,
+                    run_at,
+                    str(outcome.status),
+                    int(outcome.retriable),
+                    json.dumps(outcome.result) if outcome.ok else None,
+                    error.type if error else None,
+                    error.message if error else None,
+                    finished.worker,
+                    finished.image_id,
+                    finished.stderr_tail,
+                    finished.duration,
+                    None if status == "pending" else now,
+                    now,
+                    task.id,
+                    self.owner,
+                    task.receipt,
+                ),
+            )
+        if cursor.rowcount == 0:
+            raise LeaseLost(f"task {task.id}: not reported, its lease was lost (it expired and the task moved on)")
+
+    def _release(self, task_id: str, owner: str) -> None:
+        now = time.time()
+        with self._write() as db:
+            db.execute(
+                """UPDATE tasks SET status = 'pending', attempts = MAX(attempts - 1, 0), lease_owner = NULL,
+                        lease_expires = NULL, run_at = ?, updated_at = ?
+                    WHERE id = ? AND status = 'running' AND lease_owner = ?""",
+                (now, now, task_id, owner),
+            )
+
+    # -- what the API needs ---------------------------------------------------------
+
+    def submit(
+        self,
+        task_type: str,
+        params: dict[str, Any],
+        max_attempts: int,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Add a task; returns it and whether it is new (an idempotency key may return an old one)."""
+        now = time.time()
+        task_id = str(uuid.uuid4())
+        with self._write() as db:
+            cursor = db.execute(
+                """INSERT INTO tasks (id, type, params, status, priority, max_attempts, idempotency_key,
+                        correlation_id, traceparent, run_at, created_at, updated_at)
+                    VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (idempotency_key) DO NOTHING""",
+                (
+                    task_id,
+                    task_type,
+                    json.dumps(params),
+                    priority,
+                    max_attempts,
+                    idempotency_key,
+                    correlation_id or uuid.uuid4().hex,
+                    traceparent,
+                    now,
+                    now,
+                    now,
+                ),
+            )
+            created = cursor.rowcount == 1
+            if created:
+                row = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            else:
+                row = db.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+        return _public(row), created
+
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return _public(row) if row else None
+
+    def list(self, status: str | None = None, task_type: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        clauses, args = [], []
+        if status:
+            clauses.append("status = ?")
+            args.append(status)
+        if task_type:
+            clauses.append("type = ?")
+            args.append(task_type)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT * FROM tasks {where} ORDER BY created_at DESC, rowid DESC LIMIT ?", (*args, limit)
+            ).fetchall()
+        return [_public(row) for row in rows]
+
+    def retry(self, task_id: str) -> dict[str, Any] | None:
+        """Send a failed or dead task back to pending with its attempts reset; None if it is not either."""
+        now = time.time()
+        with self._write() as db:
+            row = db.execute(
+                """UPDATE tasks SET status = 'pending', attempts = 0, run_at = ?, updated_at = ?
+                    WHERE id = ? AND status IN ('failed', 'dead') RETURNING *""",
+                (now, now, task_id),
+            ).fetchone()
+        return _public(row) if row else None
+
+    def counts(self) -> dict[str, int]:
+        """Tasks by status (every status, zeros included)."""
+        with self._read() as db:
+            rows = db.execute("SELECT status, COUNT(*) AS n FROM tasks GROUP BY status").fetchall()
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({row["status"]: row["n"] for row in rows})
+        return counts
+
+    # -- plumbing -------------------------------------------------------------------
+
+    async def _async(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.to_thread(fn, *args)
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise SourceUnavailable(f"embedded queue {self.path}: {exc}") from None
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise SourceUnavailable(f"embedded queue {self.path}: {exc}") from None
+
+
+def _public(row: sqlite3.Row) -> dict[str, Any]:
+    """A task as the API shows it."""
+    task: dict[str, Any] = {
+        "id": row["id"],
+        "type": row["type"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "max_attempts": row["max_attempts"],
+        "priority": row["priority"],
+        "params": json.loads(row["params"]),
+        "correlation_id": row["correlation_id"],
+        "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]),
+    }
+    optional = {
+        "idempotency_key": row["idempotency_key"],
+        "outcome": row["outcome"],
+        "worker": row["worker"],
+        "image_id": row["image_id"],
+        "stderr_tail": row["stderr_tail"],
+        "duration": row["duration"],
+        "started_at": _iso(row["started_at"]),
+        "finished_at": _iso(row["finished_at"]),
+    }
+    task.update({k: v for k, v in optional.items() if v is not None})
+    if row["status"] == "pending" and row["run_at"] > time.time():
+        task["run_at"] = _iso(row["run_at"])
+    if row["result"] is not None:
+        task["result"] = json.loads(row["result"])
+    if row["error_type"] is not None:
+        retriable = bool(row["retriable"])
+        task["error"] = {"type": row["error_type"], "message": row["error_message"], "retriable": retriable}
+    return task
+
+
+def _iso(moment: float | None) -> str | None:
+    if moment is None:
+        return None
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,384 @@
+"""The PrismQ TaskManager HTTP API as a task source (``[task_manager] type = "http"``).
+
+The server speaks JSON over HTTP with an ``X-API-Key`` header (every call but
+``GET /health``). Its shape, and its quirks, as this adapter relies on them:
+
+- A task type is claimed by its numeric id, one id per call. ``start()``
+  resolves the ids of the configured task types once (``GET /task-types/{name}``)
+  and, with ``register_task_types = true``, registers the missing ones
+  (version "1.0.0", param_schema ``{"type": "object"}``); an unknown type that
+  is not registered is logged as a warning and never claimed. ``claim()``
+  cycles over the types round-robin, starting after the type it last claimed
+  from, so that a busy type cannot starve the others.
+- An empty queue is answered with HTTP 500 "There is no active transaction"
+  (the server rolls back twice); that, and a 404 "No available tasks" from a
+  server without the bug, mean "no task", not a fault.
+- Ids come back as strings from some calls and as integers from others: they
+  are normalised to ``str``.
+- ``attempts`` in a claim is read as the number of *previous* attempts (0 for a
+  fresh task), so ``ClaimedTask.attempt`` is ``attempts + 1``.
+
+Retries belong to the server. Each claim is one attempt; ``fail()`` reports
+``success: false`` with ``error`` = "<type>: <message>" and the server puts the
+task back in its queue until its own attempt limit, whatever ``retry_in`` says:
+the host's retry delay is not used. A permanent failure is re-queued the same
+way, because the API has no way to say "do not retry".
+
+There are no leases either. A claim expires after the server's claim timeout
+(``claim_timeout``, 300 s by default), after which anyone may claim the task
+again; a report that comes later is refused (403, or 400 "not in claimed state"
+once the other claimer has settled it) and becomes ``LeaseLost``. So
+``renew()`` does nothing, ``release()`` cannot hand a task back (its claim just
+expires) and neither can ``recover()``; ``check_timeouts`` lists the workers
+whose timeout outlives a claim. Every httpx error becomes ``SourceUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Collection, Iterable
+from dataclasses import replace
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from runner import __version__
+from runner.config import HttpSource, WorkerConfig
+from runner.sources import ClaimedTask, Finished, LeaseLost, SourceUnavailable
+
+log = logging.getLogger(__name__)
+
+REGISTER_VERSION = "1.0.0"
+REGISTER_SCHEMA: dict[str, Any] = {"type": "object"}
+_QUOTE = 200
+
+
+class HttpTaskSource:
+    """A ``TaskSource`` backed by a PrismQ TaskManager server."""
+
+    def __init__(
+        self,
+        config: HttpSource,
+        host_id: str,
+        task_types: list[str],
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        """``task_types`` are the host's; ``config.task_types``, when set, takes their place.
+
+        Pass ``client`` to share one; otherwise the source makes its own and
+        ``close()`` closes it.
+        """
+        self._config = config
+        self._url = config.url.rstrip("/")
+        self.worker_id = config.worker_id or host_id
+        self.task_types = list(config.task_types or task_types)
+        self._owns_client = client is None
+        self._client = client or httpx.AsyncClient(
+            timeout=config.request_timeout, headers={"User-Agent": f"workerhost/{__version__}"}
+        )
+        self._type_ids: dict[str, str] = {}  # name -> the server's id, for the types we claim
+        self._unknown: list[str] = []
+        self._started = False
+        self._starting = asyncio.Lock()
+        self._next = 0  # index in self._claimable of the next type to try
+
+    @property
+    def type_ids(self) -> dict[str, str]:
+        """The resolved task types: name -> the server's id."""
+        return dict(self._type_ids)
+
+    async def start(self) -> None:
+        """Resolve the id of every task type, registering the missing ones if configured to."""
+        async with self._starting:
+            if self._started:
+                return
+            type_ids: dict[str, str] = {}
+            unknown: list[str] = []
+            for name in self.task_types:
+                type_id = await self._type_id(name)
+                if type_id is None and self._config.register_task_types:
+                    type_id = await self._register(name)
+                    log.info("registered task type %s with the task manager (id %s)", name, type_id)
+                if type_id is None:
+                    log.warning(
+                        "task type %s is unknown to the task manager at %s: it will not be claimed "
+                        "(register it there, or set [task_manager] register_task_types = true)",
+                        name,
+                        self._url,
+                    )
+                    unknown.append(name)
+                else:
+                    type_ids[name] = type_id
+            self._type_ids, self._unknown, self._started = type_ids, unknown, True
+
+    async def claim(self, task_types: Collection[str]) -> ClaimedTask | None:
+        """One task of these types, trying each known type at most once, round-robin."""
+        if not self._started:
+            await self.start()
+        claimable = list(self._type_ids)
+        for step in range(len(claimable)):
+            index = (self._next + step) % len(claimable)
+            name = claimable[index]
+            if name not in task_types:
+                continue
+            task = await self._claim_type(name)
+            if task is not None:
+                self._next = (index + 1) % len(claimable)
+                return task
+        return None
+
+    async def renew(self, task: ClaimedTask) -> None:
+        """Nothing: the API cannot extend a claim (see ``check_timeouts``)."""
+
+    async def complete(self, task: ClaimedTask, finished: Finished) -> None:
+        """Report success with the outcome's result; raise LeaseLost if the claim moved on."""
+        body: dict[str, Any] = {"worker_id": self.worker_id, "success": True}
+        if finished.outcome.result is not None:
+            body["result"] = finished.outcome.result
+        await self._settle(task, body)
+
+    async def fail(self, task: ClaimedTask, finished: Finished, retry_in: float | None) -> None:
+        """Report a failure; the server re-queues the task until its own attempt limit.
+
+        ``retry_in`` is not used, and a final failure (None) is re-queued too:
+        the API has no way to say "do not retry".
+        """
+        outcome = finished.outcome
+        if outcome.error is not None:
+            error = f"{outcome.error.type}: {outcome.error.message}"
+        else:
+            error = f"WorkerFailed: the attempt ended as {outcome.status.value}"
+        await self._settle(task, {"worker_id": self.worker_id, "success": False, "error": error})
+
+    async def progress(self, task: ClaimedTask, percent: float, message: str | None = None) -> None:
+        """Report how far the task got (0..100); raise LeaseLost if the claim moved on."""
+        body: dict[str, Any] = {"worker_id": self.worker_id, "progress": max(0, min(100, round(percent)))}
+        if message is not None:
+            body["message"] = message
+        await self._on_task(task, "progress", body)
+
+    async def release(self, task: ClaimedTask) -> None:
+        """The API cannot hand a task back: log when its claim expires and return."""
+        claimed_at = task.receipt if isinstance(task.receipt, float) else time.monotonic()
+        left = max(0.0, self._config.claim_timeout - (time.monotonic() - claimed_at))
+        log.info(
+            "task %s: the task manager cannot take a task back; its claim expires in %.0fs "
+            "(claim_timeout %gs) and then anyone may claim it again",
+            task.id,
+            left,
+            self._config.claim_timeout,
+        )
+
+    async def recover(self, task_id: str, owner: str) -> None:
+        """Nothing: a task a dead host left claimed is claimable again after ``claim_timeout``."""
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /health``, plus what this source resolved; raise SourceUnavailable if it does not answer."""
+        status, payload = await self._send("GET", "/health", auth=False)
+        data = self._data("GET", "/health", status, payload)
+        return {
+            "type": "http",
+            "url": self._url,
+            "reachable": True,
+            "status": data.get("status") if isinstance(data, dict) else None,
+            "worker_id": self.worker_id,
+            "task_types": self.type_ids,
+            "unknown_task_types": list(self._unknown),
+            "claim_timeout": self._config.claim_timeout,
+        }
+
+    async def close(self) -> None:
+        """Close the HTTP client, if this source made it."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    # -- task types --------------------------------------------------------------
+
+    async def _type_id(self, name: str) -> str | None:
+        path = f"/task-types/{quote(name, safe='')}"
+        status, payload = await self._send("GET", path)
+        if status == 404:  # older servers: "Task type not found"
+            return None
+        data = self._data("GET", path, status, payload)
+        if isinstance(data, dict) and isinstance(data.get("items"), list):
+            items = data["items"]
+            return self._id(items[0], "GET", path) if items else None
+        return self._id(data, "GET", path)  # older servers: the type itself
+
+    async def _register(self, name: str) -> str:
+        body = {"name": name, "version": REGISTER_VERSION, "param_schema": REGISTER_SCHEMA}
+        path = "/task-types/register"
+        status, payload = await self._send("POST", path, body)
+        data = self._data("POST", path, status, payload)
+        try:
+            return self._id(data, "POST", path)
+        except SourceUnavailable:
+            # The id is missing from the answer: read it back.
+            type_id = await self._type_id(name)
+            if type_id is None:
+                raise
+            return type_id
+
+    # -- tasks -------------------------------------------------------------------
+
+    async def _claim_type(self, name: str) -> ClaimedTask | None:
+        path = "/tasks/claim"
+        type_id = self._type_ids[name]
+        # The server wants a positive integer; the ids it hands out are.
+        body = {"worker_id": self.worker_id, "task_type_id": int(type_id) if type_id.isdigit() else type_id}
+        status, payload = await self._send("POST", path, body)
+        if _is_no_task(status, payload):
+            return None
+        data = self._data("POST", path, status, payload)
+        if not data:
+            return None
+        if not isinstance(data, dict):
+            raise self._unexpected("POST", path, data)
+        task_id = self._id(data, "POST", path)
+        task = ClaimedTask(
+            id=task_id, type=name, params={}, attempt=_attempt(data.get("attempts")), receipt=time.monotonic()
+        )
+        params = _params(data.get("params"))
+        if params is None:
+            # Nothing a worker could run: fail it on the server rather than leave it claimed.
+            log.warning("task %s of type %s has params that are not an object: reported as failed", task_id, name)
+            error = f"InvalidParams: params must be a JSON object, got {_quote(data.get('params'))}"
+            await self._settle(task, {"worker_id": self.worker_id, "success": False, "error": error})
+            return None
+        return replace(task, params=params)
+
+    async def _settle(self, task: ClaimedTask, body: dict[str, Any]) -> None:
+        await self._on_task(task, "complete", body)
+
+    async def _on_task(self, task: ClaimedTask, action: str, body: dict[str, Any]) -> None:
+        path = f"/tasks/{quote(task.id, safe='')}/{action}"
+        status, payload = await self._send("POST", path, body)
+        # 403: claimed by another worker since ours expired; 400 "not in claimed
+        # state": that other worker already settled it; 404: the task is gone.
+        if status in (403, 404) or (status == 400 and "claimed state" in _error_text(payload).lower()):
+            raise LeaseLost(
+                f"task {task.id}: the task manager refused {action} (HTTP {status}: {_error_text(payload)}); "
+                f"its claim expires after claim_timeout ({self._config.claim_timeout:g}s) and it may "
+                "have been claimed again"
+            )
+        self._data("POST", path, status, payload)
+
+    # -- one call ----------------------------------------------------------------
+
+    async def _send(
+        self, method: str, path: str, body: dict[str, Any] | None = None, *, auth: bool = True
+    ) -> tuple[int, dict[str, Any]]:
+        """One request: its status and JSON object, every httpx error as SourceUnavailable."""
+        url = self._url + path
+        headers = {"X-API-Key": self._config.api_key} if auth else {}
+        try:
+            response = await self._client.request(method, url, json=body, headers=headers)
+        except httpx.TimeoutException:
+            raise SourceUnavailable(
+                f"task manager at {url}: no answer to {method} within "
+                f"request_timeout ({self._config.request_timeout:g}s)"
+            ) from None
+        except httpx.ConnectError as exc:
+            raise SourceUnavailable(f"task manager at {url}: cannot connect: {exc}") from None
+        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+            raise SourceUnavailable(f"task manager at {url}: {method} failed: {type(exc).__name__}: {exc}") from None
+        if response.status_code == 401:
+            key = "refused the API key" if self._config.api_key else "needs an API key and none is set"
+            raise SourceUnavailable(
+                f"task manager at {self._url} {key} (HTTP 401 on {method} {path}); check [task_manager] api_key"
+            )
+        try:
+            payload = response.json()
+        except ValueError:
+            raise SourceUnavailable(
+                f"task manager at {url}: {method} answered HTTP {response.status_code} "
+                f"with a body that is not JSON: {_quote(response.content)}"
+            ) from None
+        if not isinstance(payload, dict):
+            raise self._unexpected(method, path, payload, response.status_code)
+        return response.status_code, payload
+
+    def _data(self, method: str, path: str, status: int, payload: dict[str, Any]) -> Any:
+        """The ``data`` of a successful answer; anything else is a fault of the source."""
+        if 200 <= status < 300 and payload.get("success") is not False:
+            return payload.get("data")
+        details = payload.get("details")
+        more = f" ({_quote(details)})" if details else ""
+        raise SourceUnavailable(
+            f"task manager at {self._url + path}: {method} answered HTTP {status}: {_error_text(payload)}{more}"
+        )
+
+    def _id(self, data: Any, method: str, path: str) -> str:
+        value = data.get("id") if isinstance(data, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        raise self._unexpected(method, path, data)
+
+    def _unexpected(self, method: str, path: str, data: Any, status: int = 200) -> SourceUnavailable:
+        return SourceUnavailable(
+            f"task manager at {self._url + path}: {method} answered HTTP {status} with an unexpected body: "
+            f"{_quote(data)}"
+        )
+
+
+def check_timeouts(source_config: HttpSource, workers: Iterable[WorkerConfig]) -> list[str]:
+    """One warning for each worker whose ``timeout`` outlives the server's claim.
+
+    Such a task can be claimed again by another host while it still runs, and
+    this host's report is then refused. Workers none of whose task types this
+    source claims (``[task_manager] task_types``, when set) are left out.
+    """
+    served = set(source_config.task_types)
+    limit = source_config.claim_timeout
+    return [
+        f"worker {worker.name}: timeout {worker.timeout:g}s exceeds the task manager's claim timeout "
+        f"({limit:g}s, [task_manager] claim_timeout): a task still running after {limit:g}s can be "
+        "claimed again by another host and this host's report will be refused; lower the worker's "
+        "timeout or raise the server's claim timeout"
+        for worker in workers
+        if worker.timeout > limit and (not served or served.intersection(worker.task_types))
+    ]
+
+
+def _attempt(attempts: Any) -> int:
+    """This attempt's number: the claim's ``attempts`` counts the previous ones (0 when fresh)."""
+    if isinstance(attempts, str) and attempts.strip().isdigit():
+        attempts = int(attempts)
+    if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0:
+        return attempts + 1
+    return 1
+
+
+def _params(value: Any) -> dict[str, Any] | None:
+    """A task's params as an object (None, or a JSON string of one, is accepted), or None if they are not."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, dict) else None
+
+
+def _is_no_task(status: int, payload: dict[str, Any]) -> bool:
+    text = _error_text(payload).lower()
+    return (status == 500 and "no active transaction" in text) or (status == 404 and "no available task" in text)
+
+
+def _error_text(payload: dict[str, Any]) -> str:
+    parts = [str(payload[key]) for key in ("error", "message") if payload.get(key)]
+    return ": ".join(dict.fromkeys(parts)) or "no error message"
+
+
+def _quote(value: Any) -> str:
+    if value == b"":
+        return "(empty)"
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else repr(value)
+    return text[:_QUOTE] + (f" ... ({len(text)} characters)" if len(text) > _QUOTE else "")

@@ -1,0 +1,68 @@
+"""Prometheus metrics, kept up to date by a hook on the host's events."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from runner.telemetry import events
+from runner.telemetry.events import Event
+
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+_START_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+
+
+class Metrics:
+    """The host's metrics in their own registry (so that several hosts in one process do not clash)."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # the *_created series only add noise here
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.tasks = Counter(
+            "workerhost_tasks", "Tasks finished, by worker and final outcome", ["worker", "outcome"], registry=r
+        )
+        self.attempts = Counter(
+            "workerhost_attempts", "Attempts finished, by worker and outcome", ["worker", "outcome"], registry=r
+        )
+        self.retries = Counter("workerhost_retries", "Attempts that will be retried", ["worker"], registry=r)
+        self.duration = Histogram(
+            "workerhost_task_duration_seconds", "Container run time of an attempt", ["worker"],
+            buckets=_DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.start_latency = Histogram(
+            "workerhost_container_start_seconds", "From create to started", ["worker"],
+            buckets=_START_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("workerhost_tasks_in_flight", "Tasks running now", ["worker"], registry=r)
+        self.lease_lost = Counter("workerhost_lease_lost", "Outcomes not reported: lease lost", registry=r)
+        self.released = Counter("workerhost_tasks_released", "Tasks handed back unfinished", registry=r)
+        self.source_up = Gauge("workerhost_source_up", "1 when the task source answers", registry=r)
+        self.engine_up = Gauge("workerhost_engine_up", "1 when the Docker engine answers", registry=r)
+        self.queue_depth = Gauge("workerhost_queue_tasks", "Tasks in the queue, by status", ["status"], registry=r)
+
+    def __call__(self, event: Event) -> None:
+        worker = event.worker or ""
+        if event.name == events.ATTEMPT_STARTED:
+            self.in_flight.labels(worker).inc()
+        elif event.name == events.ATTEMPT_FINISHED:
+            self.in_flight.labels(worker).dec()
+            self.attempts.labels(worker, event.data["outcome"]).inc()
+            self.duration.labels(worker).observe(event.data.get("duration", 0.0))
+            if event.data.get("start_latency"):
+                self.start_latency.labels(worker).observe(event.data["start_latency"])
+        elif event.name == events.TASK_COMPLETED:
+            self.tasks.labels(worker, "completed").inc()
+        elif event.name == events.TASK_FAILED:
+            self.tasks.labels(worker, event.data["outcome"]).inc()
+        elif event.name == events.TASK_RETRYING:
+            self.retries.labels(worker).inc()
+        elif event.name == events.LEASE_LOST:
+            self.lease_lost.inc()
+        elif event.name == events.TASK_RELEASED:
+            self.released.inc()
+        elif event.name in (events.SOURCE_UP, events.SOURCE_DOWN):
+            self.source_up.set(1 if event.name == events.SOURCE_UP else 0)
+
+    def render(self) -> bytes:
+        """The text exposition format, for GET /metrics."""
+        return generate_latest(self.registry)
