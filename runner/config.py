@@ -96,6 +96,7 @@ class HostConfig(_Section):
     grace: Duration = 30.0  # on shutdown, how long tasks in flight may finish
     poll_max: Duration = 2.0  # the longest pause between claims when the queue is idle
     max_body: Size = 16 * 1024**2  # the largest request the HTTP API accepts
+    reap_interval: Duration = 30.0  # how often to look for containers left behind
 
     @field_validator("id")
     @classmethod

@@ -144,6 +144,7 @@ class DockerRunner:
         self.client = client
         self.host_id = host_id
         self.owner = owner  # this process, so that a later one can tell its orphans from a live sibling's
+        self._unremoved: set[str] = set()
         self._reaper = ThreadPoolExecutor(max_workers=2, thread_name_prefix="workerhost-remove")
 
     # -- public -----------------------------------------------------------------
@@ -194,12 +195,15 @@ class DockerRunner:
         return killed
 
     def reap(self, alive: Callable[[str], bool]) -> list[tuple[str, str]]:
-        """Remove the containers a dead instance of this host left behind.
+        """Remove the containers a dead instance of this host left behind, and our own
+        whose removal failed earlier.
 
         ``alive(owner)`` tells whether the process that owns a container still
         runs (a sibling ``serve`` sharing this host id keeps its containers).
         Returns (task id, owner) for each container removed.
         """
+        for leftover in list(self._unremoved):  # ours, whose removal failed (the engine was away)
+            self._remove(leftover)
         reaped = []
         for container in self._containers({LABEL_HOST: self.host_id}, running=False):
             labels = container.get("Labels") or {}
@@ -374,7 +378,10 @@ class DockerRunner:
         except docker.errors.NotFound:
             pass
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            log.warning("could not remove container %s: %s", container[:12], _reason(exc))
+            log.warning("could not remove container %s (will try again): %s", container[:12], _reason(exc))
+            self._unremoved.add(container)
+            return
+        self._unremoved.discard(container)
 
 
 def _exchange(sock: socket.socket, payload: bytes, streams: _Streams, deadline: float) -> bool:

@@ -133,11 +133,15 @@ class Host:
     async def run(self, burst: bool = False) -> None:
         """Claim and run tasks until ``stop()``; with ``burst``, also when the queue is empty."""
         self.alive = True
+        janitor = None
         try:
             await self._reap()
+            janitor = asyncio.create_task(self._janitor(), name="janitor")
             await self._claim_loop(burst)
             await self._drain()
         finally:
+            if janitor is not None:
+                janitor.cancel()
             self.alive = False
             await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
@@ -319,6 +323,12 @@ class Host:
             if task_id:
                 with contextlib.suppress(SourceUnavailable):
                     await self.source.recover(task_id, owner)
+
+    async def _janitor(self) -> None:
+        """Reap again from time to time: containers whose removal failed while the engine was away."""
+        while True:
+            await asyncio.sleep(self.config.host.reap_interval)
+            await self._reap()
 
     async def _drain(self) -> None:
         if not self._tasks:

@@ -102,7 +102,7 @@ class EmbeddedQueue:
         await self._async(self._release, task.id, self.owner)
 
     async def recover(self, task_id: str, owner: str) -> None:
-        await self._async(self._release, task_id, owner)
+        await self._async(self._recover, task_id, owner)
 
     async def health(self) -> dict[str, Any]:
         counts = await self._async(self.counts)
@@ -212,6 +212,23 @@ class EmbeddedQueue:
             db.execute(
                 """UPDATE tasks SET status = 'pending', attempts = MAX(attempts - 1, 0), lease_owner = NULL,
                         lease_expires = NULL, run_at = ?, updated_at = ?
+                    WHERE id = ? AND status = 'running' AND lease_owner = ?""",
+                (now, now, task_id, owner),
+            )
+
+    def _recover(self, task_id: str, owner: str) -> None:
+        """Like an expired lease, at once: the attempt counts, and none left means dead."""
+        now = time.time()
+        with self._write() as db:
+            db.execute(
+                """UPDATE tasks SET
+                        status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'pending' END,
+                        outcome = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE outcome END,
+                        retriable = CASE WHEN attempts >= max_attempts THEN 1 ELSE retriable END,
+                        error_type = CASE WHEN attempts >= max_attempts THEN 'HostDied' ELSE error_type END,
+                        error_message = CASE WHEN attempts >= max_attempts
+                            THEN 'its host died while it ran, and no attempt is left' ELSE error_message END,
+                        lease_owner = NULL, lease_expires = NULL, run_at = ?, updated_at = ?
                     WHERE id = ? AND status = 'running' AND lease_owner = ?""",
                 (now, now, task_id, owner),
             )
