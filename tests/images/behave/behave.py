@@ -91,6 +91,8 @@ def main():
     params = task.get("params", {})
     do = params.get("do", "ok")
     sys.stderr.write(f"behave: {do} attempt {task.get('attempt')}\n")
+    if os.environ.get("TEST_FAIL") == "1":  # a broken build of this worker
+        reply({"success": False, "error": {"type": "Broken", "message": "TEST_FAIL=1", "retriable": True}}, 1)
     if do == "ok":
         ok({"params": params, "attempt": task.get("attempt"), "task": {k: v for k, v in task.items() if k != "params"}})
     elif do == "exit":
@@ -99,8 +101,9 @@ def main():
             sys.stdout.flush()
         sys.exit(int(params["code"]))
     elif do == "sleep":
+        started = time.time()
         time.sleep(float(params["seconds"]))
-        ok({"slept": params["seconds"]})
+        ok({"slept": params["seconds"], "started": started, "ended": time.time()})
     elif do == "close_stdout_and_sleep":
         sys.stdout.close()
         os.close(1)

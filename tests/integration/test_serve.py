@@ -1,0 +1,270 @@
+"""``workerhost serve`` on the embedded queue with real containers: limits, crashes, drain, dead letters."""
+
+from __future__ import annotations
+
+import io
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from runner.docker import LABEL_HOST, LABEL_TASK
+from runner.sources.embedded import EmbeddedQueue
+from tests.conftest import HOST_ID
+from tests.engine_proxy import EngineProxy
+from tests.serving import Serve, config_text, free_port
+
+pytestmark = pytest.mark.docker
+
+ServeFactory = Callable[..., Serve]
+
+
+@pytest.fixture
+def serve(tmp_path: Path, behave_image: str) -> Iterator[ServeFactory]:
+    """Start ``workerhost serve`` processes on one database in tmp_path; all are stopped at the end."""
+    started: list[Serve] = []
+    db = tmp_path / "queue.db"
+
+    def start(env: dict[str, str] | None = None, port: int | None = None, **options: Any) -> Serve:
+        port = port or free_port()
+        config = tmp_path / f"serve-{port}.toml"
+        if not config.exists():
+            config.write_text(config_text(HOST_ID, port, db, behave_image, **options))
+        process = Serve(config, port, tmp_path / f"serve-{port}.log", env).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def overlap(spans: list[tuple[float, float]]) -> int:
+    """The most spans open at one moment."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = current = 0
+    for _, step in edges:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def test_concurrency_limits_are_respected(serve: ServeFactory) -> None:
+    other = """
+[[workers]]
+name = "Test.Other"
+image = "workerhost-test/behave:latest"
+task_types = ["Test.Other"]
+timeout = "60s"
+concurrency = 1
+memory = "64m"
+"""
+    host = serve(concurrency=3, workers=other)
+    slow = [host.submit("Test.Behave", do="sleep", seconds=1.5)["id"] for _ in range(6)]
+    single = [host.submit("Test.Other", do="sleep", seconds=1.5)["id"] for _ in range(3)]
+
+    done = {i: host.wait_for(i, ("completed",), timeout=120) for i in slow + single}
+
+    span = {i: (t["result"]["started"], t["result"]["ended"]) for i, t in done.items()}
+    assert overlap([span[i] for i in single]) == 1  # Test.Other: concurrency 1
+    assert overlap(list(span.values())) <= 3  # [host] concurrency 3
+    assert overlap([span[i] for i in slow]) >= 2  # the host did run tasks side by side
+
+
+def test_kill_9_mid_task_then_restart_completes_the_task_once(serve: ServeFactory, docker_client: Any) -> None:
+    first = serve()
+    task = first.submit("Test.Behave", do="sleep", seconds=4)
+    first.wait_for(task["id"], ("running",))
+    orphans = _wait_for_containers(docker_client, task["id"])
+    assert first.proc is not None
+    first.proc.kill()  # SIGKILL: no drain, no report
+    first.wait_exit(10)
+
+    second = serve(port=first.port)  # same config, same host id, same database
+    done = second.wait_for(task["id"], ("completed",), timeout=60)
+
+    assert done["result"]["slept"] == 4
+    remaining = {c["Id"] for c in docker_client.containers(all=True, filters={"label": f"{LABEL_TASK}={task['id']}"})}
+    assert not remaining & {c["Id"] for c in orphans}, "the orphan container was not reaped"
+    same = [t for t in second.http.get("/tasks", params={"limit": 1000}).json() if t["id"] == task["id"]]
+    assert len(same) == 1 and same[0]["status"] == "completed"
+    assert same[0]["attempts"] == 2  # the interrupted attempt counts
+
+
+def test_sigterm_lets_the_task_in_flight_finish(serve: ServeFactory) -> None:
+    host = serve(grace="30s")
+    task = host.submit("Test.Behave", do="sleep", seconds=2)
+    host.wait_for(task["id"], ("running",))
+
+    host.signal(signal.SIGTERM)
+    assert host.wait_exit(30) == 0
+
+    reopened = serve(port=host.port)
+    done = reopened.task(task["id"])
+    assert done["status"] == "completed"
+    assert done["attempts"] == 1
+
+
+def test_past_the_grace_period_the_container_is_killed_and_the_task_handed_back(
+    serve: ServeFactory, docker_client: Any, tmp_path: Path
+) -> None:
+    host = serve(grace="1s")
+    task = host.submit("Test.Behave", do="sleep", seconds=60)
+    host.wait_for(task["id"], ("running",))
+    _wait_for_containers(docker_client, task["id"])
+
+    began = time.monotonic()
+    host.signal(signal.SIGTERM)
+    assert host.wait_exit(30) == 0
+    assert time.monotonic() - began < 20
+
+    left = docker_client.containers(all=True, filters={"label": f"{LABEL_TASK}={task['id']}"})
+    assert left == []
+    back = EmbeddedQueue(tmp_path / "queue.db", owner="pytest").get(task["id"])
+    assert back is not None
+    assert (back["status"], back["attempts"]) == ("pending", 0)  # handed back; the attempt does not count
+
+
+def test_a_second_signal_exits_at_once(serve: ServeFactory) -> None:
+    host = serve(grace="60s")
+    task = host.submit("Test.Behave", do="sleep", seconds=60)
+    host.wait_for(task["id"], ("running",))
+
+    host.signal(signal.SIGTERM)
+    time.sleep(0.5)
+    began = time.monotonic()
+    host.signal(signal.SIGTERM)
+    code = host.wait_exit(10)
+
+    assert time.monotonic() - began < 5
+    assert code == 128 + signal.SIGTERM
+    # The next start reaps the container it left and runs the task again.
+    again = serve(grace="1s")  # same database and host id
+    assert again.wait_for(task["id"], ("running", "completed"), timeout=30)["attempts"] >= 1
+
+
+def test_dead_letters_then_retry_after_the_worker_is_fixed(
+    serve: ServeFactory, docker_client: Any, behave_image: str
+) -> None:
+    broken = "workerhost-test/flaky:latest"
+    _build(docker_client, f"FROM {behave_image}\nENV TEST_FAIL=1\n", broken)
+    flaky = f"""
+[[workers]]
+name = "Test.Flaky"
+image = "{broken}"
+task_types = ["Test.Flaky"]
+max_retries = 2
+backoff = "100ms"
+memory = "64m"
+"""
+    try:
+        host = serve(workers=flaky)
+        task = host.submit("Test.Flaky", do="ok")
+        dead = host.wait_for(task["id"], ("dead", "failed", "completed"), timeout=60)
+        assert dead["status"] == "dead"
+        assert dead["attempts"] == 3
+        assert dead["error"] == {"type": "Broken", "message": "TEST_FAIL=1", "retriable": True}
+        listed = host.http.get("/tasks", params={"status": "dead"}).json()
+        assert [t["id"] for t in listed] == [task["id"]]
+
+        docker_client.tag(behave_image, "workerhost-test/flaky", "latest", force=True)  # the fix is deployed
+        retried = host.http.post(f"/tasks/{task['id']}/retry")
+        assert retried.status_code == 200 and retried.json()["status"] == "pending"
+        done = host.wait_for(task["id"], ("completed", "dead"), timeout=60)
+        assert done["status"] == "completed"
+        assert done["attempts"] == 1
+    finally:
+        docker_client.remove_image(broken, force=True)
+
+
+def test_the_engine_going_away_mid_run(serve: ServeFactory, tmp_path: Path) -> None:
+    proxy = EngineProxy(tmp_path / "engine.sock")
+    proxy.start()
+    patient = """
+[[workers]]
+name = "Test.Patient"
+image = "workerhost-test/behave:latest"
+task_types = ["Test.Patient"]
+max_retries = 6
+backoff = "1s"
+memory = "64m"
+"""
+    host = serve(env={"DOCKER_HOST": proxy.docker_host}, workers=patient)
+    try:
+        task = host.submit("Test.Patient", do="sleep", seconds=3)
+        host.wait_for(task["id"], ("running",))
+        time.sleep(0.5)
+
+        proxy.stop()
+        time.sleep(1.0)
+        health = host.http.get("/health")
+        assert health.status_code == 200  # the host is up
+        body = health.json()
+        assert body["status"] == "degraded"
+        assert body["engine"]["reachable"] is False
+        assert "does not answer" in body["engine"]["error"]
+        meanwhile = host.task(task["id"])
+        assert meanwhile["status"] in ("pending", "running")  # failed retriably, waiting for its retry
+
+        proxy.start()
+        done = host.wait_for(task["id"], ("completed", "dead", "failed"), timeout=90)
+        assert done["status"] == "completed"
+        assert done["attempts"] >= 2
+        assert host.http.get("/health").json()["engine"]["reachable"] is True
+    finally:
+        if not proxy.running:
+            proxy.start()
+        # Let the host's janitor remove what it could not while the engine was away.
+        time.sleep(3)
+
+
+def test_two_hosts_on_one_database_never_run_a_task_twice(
+    serve: ServeFactory, docker_client: Any, behave_image: str
+) -> None:
+    created: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def watch() -> None:
+        events = docker_client.events(filters={"label": f"{LABEL_HOST}={HOST_ID}", "event": "create"}, decode=True)
+        for event in events:
+            created[event["Actor"]["Attributes"][LABEL_TASK]] += 1
+            if stop.is_set():
+                break
+        events.close()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    a = serve(concurrency=3)
+    b = serve(concurrency=3)
+    ids = [(a if i % 2 else b).submit("Test.Behave", do="sleep", seconds=0.3)["id"] for i in range(24)]
+    finished = [a.wait_for(i, ("completed",), timeout=120) for i in ids]
+    stop.set()
+    a.submit("Test.Behave", do="ok")  # one more event, to let the watcher see stop
+    watcher.join(timeout=30)
+
+    assert all(t["attempts"] == 1 for t in finished)
+    for side in (a, b):  # both hosts took their share
+        families = {f.name: f for f in text_string_to_metric_families(side.http.get("/metrics").text)}
+        assert sum(s.value for s in families["workerhost_tasks"].samples if s.name.endswith("_total")) > 0
+    assert {i: created[i] for i in ids} == dict.fromkeys(ids, 1)
+    assert {t["worker"] for t in finished} == {"Test.Behave"}
+
+
+def _wait_for_containers(client: Any, task_id: str) -> list[dict[str, Any]]:
+    for _ in range(100):
+        found: list[dict[str, Any]] = client.containers(filters={"label": f"{LABEL_TASK}={task_id}"})
+        if found:
+            return found
+        time.sleep(0.1)
+    pytest.fail(f"no container for task {task_id}")
+
+
+def _build(client: Any, dockerfile: str, tag: str) -> None:
+    for _ in client.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True, decode=True):
+        pass
