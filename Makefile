@@ -1,6 +1,7 @@
 # workerhost: the user's front door.
 #
-#   make demo          set up everything, build the images, run the example workers
+#   make serve         set up everything, build the images, run `workerhost serve` (the main job)
+#   make demo          set up everything, build the images, run each example worker once
 #   make test          set up everything, build the images, run the whole test suite
 #   make build-images  base images (Python 3.11, 2.7) and every workers/*/Dockerfile
 #   make bench         runner overhead against a bare docker-py loop
@@ -17,7 +18,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install engine build-images build-bases build-workers demo test test-unit lint bench clean-containers
+.PHONY: install engine build-images build-bases build-workers serve demo test test-unit lint bench clean-containers
 
 install: $(STAMP)
 
@@ -38,6 +39,9 @@ build-workers: install build-bases
 
 build-images: build-bases build-workers
 
+serve: install build-images
+	$(BIN)/workerhost serve
+
 demo: install build-images
 	scripts/demo.sh $(BIN)/workerhost
 
@@ -54,6 +58,7 @@ lint: install
 
 bench: install build-images
 	$(PY) bench/bench_runner.py
+	$(PY) bench/bench_serve.py
 
 # Remove containers that workerhost left behind (a killed host, an interrupted test run).
 clean-containers: engine

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,6 +38,16 @@ class TaskIn(BaseModel):
     )
     priority: int = Field(default=0, ge=-1000, le=1000, description="higher runs first")
     correlation_id: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @field_validator("params")
+    @classmethod
+    def _strict_json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Python's JSON reader takes NaN and Infinity; no worker's JSON parser need.
+        try:
+            json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise ValueError("NaN and Infinity are not JSON numbers") from None
+        return value
 
 
 class ApiError(Exception):
@@ -102,6 +112,10 @@ def create_app(host: Host, metrics: Metrics, queue: EmbeddedQueue | None) -> Fas
         )
         if created:
             host.wake()
+        elif (task["type"], task["params"]) != (body.type, body.params):
+            raise ApiError(
+                409, f"idempotency key {body.idempotency_key!r} already names task {task['id']} with other content"
+            )
         else:
             response.status_code = 200
         return dict(task)

@@ -268,10 +268,14 @@ class Host:
             await self._settle(lambda: self.source.complete(task, finished))
             emit(events.TASK_COMPLETED)
             return
+        error = outcome.error or ErrorInfo("Unknown", "")
+        if self.source.retries_by_source:
+            await self._settle(lambda: self.source.fail(task, finished, None))
+            emit(events.TASK_RETURNED, outcome=_outcome_label(outcome), error=f"{error.type}: {error.message}")
+            return
         decision = RetryPolicy.for_worker(worker.config).decide(outcome, task.attempt)
         retry_in = decision.delay if decision.retry else None
         await self._settle(lambda: self.source.fail(task, finished, retry_in))
-        error = outcome.error or ErrorInfo("Unknown", "")
         if decision.retry:
             emit(events.TASK_RETRYING, delay=round(decision.delay, 3), error=f"{error.type}: {error.message}")
         else:

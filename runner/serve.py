@@ -21,7 +21,7 @@ from runner.api import create_app
 from runner.config import Config
 from runner.docker import DockerRunner, connect
 from runner.host import Host, new_owner
-from runner.sources import TaskSource
+from runner.sources import SourceUnavailable, TaskSource
 from runner.sources.embedded import EmbeddedQueue
 from runner.telemetry.events import Hooks, log_hook
 from runner.telemetry.metrics import Metrics
@@ -55,9 +55,7 @@ async def serve(config: Config, burst: bool = False) -> int:
     """Run the host and its API until a signal (or, with ``burst``, until the queue is empty)."""
     owner = new_owner()
     source, queue = open_source(config, owner)
-    start = getattr(source, "start", None)
-    if start is not None:
-        await start()
+    await _start_source(config, source)
     runner = DockerRunner(connect(check=False), config.host.id, owner)
     _warn_about_images(config, runner)
     metrics = Metrics()
@@ -115,6 +113,24 @@ class _SignalHandler:
         log.warning("%s again: exiting now; the next start reaps what is left", sig.name)
         logging.shutdown()
         os._exit(128 + sig.value)
+
+
+async def _start_source(config: Config, source: TaskSource) -> None:
+    """Prepare a source that needs it (PrismQ: resolve task type ids); never fatal."""
+    if config.task_manager.type != "http":
+        return
+    from runner.sources.http import check_timeouts
+
+    for warning in check_timeouts(config.task_manager, config.workers):
+        log.warning("%s", warning)
+    start = getattr(source, "start", None)
+    if start is None:
+        return
+    try:
+        await start()
+    except SourceUnavailable as exc:
+        # The adapter tries again on its first claim; the loop backs off meanwhile.
+        log.warning("task source not ready: %s", exc)
 
 
 def _warn_about_images(config: Config, runner: DockerRunner) -> None:

@@ -12,16 +12,18 @@ It follows the API as the real server answers it, quirks included:
 - a claim expires after ``claim_timeout`` seconds: the task can then be claimed
   again by anyone, and a report on the expired claim gets 403; a report on a
   task that is no longer claimed gets 400 "Task is not in claimed state";
-- a claim answers ``attempts`` = the number of previous claims (0 the first
-  time); ``success: false`` re-queues the task until ``max_attempts`` claims,
-  then the task is failed.
+- a claim answers ``attempts`` = the number of claims including this one (1
+  the first time), as the real server's ``task_claim`` does; ``success:
+  false`` re-queues the task until ``max_attempts`` claims, then the task is
+  failed.
 
 Tests drive it directly too: ``add_task_type``, ``create_task``, ``task`` (a
-snapshot of one task's state), ``requests`` (what it received) and ``fault``
-("500": a database error, "503": an HTML page, "drop": the connection
-closed unanswered, "garbage": HTTP 200 that is not JSON, "hang": an answer
-after ``hang`` seconds) to play an unhealthy server. Use it as a
-context manager, or through the ``prismq_server`` fixture in a test module::
+snapshot of one task's state), ``expire_claims``, ``requests`` (what it
+received, with what it answered) and ``fault``, to play an unhealthy server:
+"500" (a database error), "503" (an HTML page), "drop" (the connection closed
+unanswered), "garbage" (HTTP 200 that is not JSON) or "hang" (an answer after
+``hang`` seconds). Use it as a context manager, or as the ``prismq_server``
+fixture (import ``prismq_server_fixture`` into a test module)::
 
     with PrismQServer(claim_timeout=0.5) as server:
         server.add_task_type("PrismQ.Example.Echo")
@@ -77,6 +79,7 @@ class Request:
     path: str
     body: Any
     api_key: str | None
+    status: int  # what the server answered (faults aside)
 
 
 class PrismQServer:
@@ -118,7 +121,8 @@ class PrismQServer:
         handler = type("Handler", (_Handler,), {"app": self})
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="prismq-server", daemon=True)
+        serve = self._httpd.serve_forever
+        self._thread = threading.Thread(target=serve, args=(0.05,), name="prismq-server", daemon=True)
         self._thread.start()
         return self
 
@@ -141,7 +145,7 @@ class PrismQServer:
     def add_task_type(self, name: str, version: str = "1.0.0") -> int:
         """Register a task type (or return the id it has)."""
         with self._lock:
-            return self._register(name, version, {"type": "object"})["id"]
+            return int(self._register(name, version, {"type": "object"})["id"])
 
     def type_id(self, name: str) -> int | None:
         """The id of a task type, or None when unknown."""
@@ -180,28 +184,32 @@ class PrismQServer:
     def handle(self, method: str, path: str, body: Any, api_key: str | None) -> tuple[int, dict[str, Any]]:
         """One request's status and JSON answer (the HTTP part is in ``_Handler``)."""
         with self._lock:
-            self.requests.append(Request(method, path, body, api_key))
-            if method == "GET" and path == "/health":
-                return _ok({"status": "healthy", "timestamp": int(time.time()), "database": "connected"})
-            if api_key != self.api_key:
-                return 401, {"error": "Unauthorized", "message": "Invalid or missing API key", "timestamp": _now()}
-            parts = path.strip("/").split("/")
-            if method == "GET" and len(parts) == 2 and parts[0] == "task-types":
-                return self._get_type(unquote(parts[1]))
-            if not isinstance(body, dict):
-                return _error(400, "Invalid JSON in request body")
-            if method == "POST" and parts == ["task-types", "register"]:
-                return self._post_register(body)
-            if method == "POST" and parts == ["tasks"]:
-                return self._post_task(body)
-            if method == "POST" and parts == ["tasks", "claim"]:
-                return self._claim(body)
-            if method == "POST" and len(parts) == 3 and parts[0] == "tasks" and parts[2] in ("complete", "progress"):
-                if not parts[1].isdigit() or int(parts[1]) not in self._tasks:
-                    return _error(404, "Task not found")
-                task = self._tasks[int(parts[1])]
-                return self._complete(task, body) if parts[2] == "complete" else self._progress(task, body)
-            return _error(404, "Endpoint not found")
+            status, answer = self._route(method, path, body, api_key)
+            self.requests.append(Request(method, path, body, api_key, status))
+            return status, answer
+
+    def _route(self, method: str, path: str, body: Any, api_key: str | None) -> tuple[int, dict[str, Any]]:
+        if method == "GET" and path == "/health":
+            return _ok({"status": "healthy", "timestamp": int(time.time()), "database": "connected"})
+        if api_key != self.api_key:
+            return 401, {"error": "Unauthorized", "message": "Invalid or missing API key", "timestamp": _now()}
+        parts = path.strip("/").split("/")
+        if method == "GET" and len(parts) == 2 and parts[0] == "task-types":
+            return self._get_type(unquote(parts[1]))
+        if not isinstance(body, dict):
+            return _error(400, "Invalid JSON in request body")
+        if method == "POST" and parts == ["task-types", "register"]:
+            return self._post_register(body)
+        if method == "POST" and parts == ["tasks"]:
+            return self._post_task(body)
+        if method == "POST" and parts == ["tasks", "claim"]:
+            return self._claim(body)
+        if method == "POST" and len(parts) == 3 and parts[0] == "tasks" and parts[2] in ("complete", "progress"):
+            if not parts[1].isdigit() or int(parts[1]) not in self._tasks:
+                return _error(404, "Task not found")
+            task = self._tasks[int(parts[1])]
+            return self._complete(task, body) if parts[2] == "complete" else self._progress(task, body)
+        return _error(404, "Endpoint not found")
 
     def _register(self, name: str, version: str, schema: dict[str, Any]) -> dict[str, Any]:
         known = self._types.get(name)
@@ -249,12 +257,11 @@ class PrismQServer:
         if not ready:
             return _error(500, NO_TASK)  # the real server rolls back twice
         task = min(ready, key=lambda t: (-t.priority, t.id))
-        previous = task.attempts
         task.status, task.claimed_by, task.claimed_at = "claimed", str(worker_id), time.monotonic()
-        task.attempts += 1
+        task.attempts += 1  # as the real task_claim does: the answer counts this claim
         task.claims.append(str(worker_id))
         task_id: int | str = task.id if task.id % 2 else str(task.id)
-        data = {"id": task_id, "type": task.type, "params": task.params, "attempts": previous}
+        data = {"id": task_id, "type": task.type, "params": task.params, "attempts": task.attempts}
         return _ok({**data, "priority": task.priority})
 
     def _owned(self, task: ServerTask, body: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
@@ -300,6 +307,10 @@ class PrismQServer:
 class _Handler(BaseHTTPRequestHandler):
     app: PrismQServer
     protocol_version = "HTTP/1.1"
+    # One write per answer (headers and body together), so that no answer
+    # waits on the client's delayed ACK.
+    wbufsize = 64 * 1024
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
         self._serve("GET")
@@ -364,8 +375,12 @@ def _error(status: int, error: str, details: list[str] | None = None) -> tuple[i
     return status, answer
 
 
-@pytest.fixture
-def prismq_server() -> Iterator[PrismQServer]:
-    """A started server with a 0.5 s claim timeout; import this fixture into a test module to use it."""
-    with PrismQServer(claim_timeout=0.5) as server:
+@pytest.fixture(name="prismq_server")
+def prismq_server_fixture() -> Iterator[PrismQServer]:
+    """A started server with the default claim timeout; import this fixture into a test module to use it.
+
+    Tests that need a claim to expire build their own with a short ``claim_timeout``
+    or call ``expire_claims()``.
+    """
+    with PrismQServer() as server:
         yield server

@@ -53,6 +53,11 @@ class Finished:
 class TaskSource(Protocol):
     """The port between the host loop and a backend."""
 
+    # True when the backend re-queues a failed task by its own rules (PrismQ's
+    # TaskManager): the host then reports every failure as final and leaves
+    # retries to it, so that they do not multiply.
+    retries_by_source: bool
+
     async def claim(self, task_types: Collection[str]) -> ClaimedTask | None:
         """Take one task of these types, or None when none is ready."""
         ...

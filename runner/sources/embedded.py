@@ -69,6 +69,8 @@ CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at);
 class EmbeddedQueue:
     """The SQLite task source, plus what the HTTP API needs: submit, get, list, retry."""
 
+    retries_by_source = False  # the host decides retries and their delay
+
     def __init__(self, path: str | Path, owner: str, lease: float = 30.0) -> None:
         self.path = Path(path)
         self.owner = owner  # this process's lease token
@@ -228,9 +230,10 @@ class EmbeddedQueue:
                         error_type = CASE WHEN attempts >= max_attempts THEN 'HostDied' ELSE error_type END,
                         error_message = CASE WHEN attempts >= max_attempts
                             THEN 'its host died while it ran, and no attempt is left' ELSE error_message END,
+                        finished_at = CASE WHEN attempts >= max_attempts THEN ? ELSE finished_at END,
                         lease_owner = NULL, lease_expires = NULL, run_at = ?, updated_at = ?
                     WHERE id = ? AND status = 'running' AND lease_owner = ?""",
-                (now, now, task_id, owner),
+                (now, now, now, task_id, owner),
             )
 
     # -- what the API needs ---------------------------------------------------------
@@ -296,11 +299,13 @@ class EmbeddedQueue:
         return [_public(row) for row in rows]
 
     def retry(self, task_id: str) -> dict[str, Any] | None:
-        """Send a failed or dead task back to pending with its attempts reset; None if it is not either."""
+        """Send a failed or dead task back to pending, as new; None if it is neither failed nor dead."""
         now = time.time()
         with self._write() as db:
             row = db.execute(
-                """UPDATE tasks SET status = 'pending', attempts = 0, run_at = ?, updated_at = ?
+                """UPDATE tasks SET status = 'pending', attempts = 0, run_at = ?, updated_at = ?,
+                        outcome = NULL, retriable = NULL, result = NULL, error_type = NULL,
+                        error_message = NULL, finished_at = NULL
                     WHERE id = ? AND status IN ('failed', 'dead') RETURNING *""",
                 (now, now, task_id),
             ).fetchone()

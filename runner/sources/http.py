@@ -15,8 +15,9 @@ The server speaks JSON over HTTP with an ``X-API-Key`` header (every call but
   server without the bug, mean "no task", not a fault.
 - Ids come back as strings from some calls and as integers from others: they
   are normalised to ``str``.
-- ``attempts`` in a claim is read as the number of *previous* attempts (0 for a
-  fresh task), so ``ClaimedTask.attempt`` is ``attempts + 1``.
+- ``attempts`` in a claim counts the claim itself (the server's ``task_claim``
+  increments it before it answers: 1 for a fresh task), so it is
+  ``ClaimedTask.attempt`` as it is; a 0 or a missing value is read as 1.
 
 Retries belong to the server. Each claim is one attempt; ``fail()`` reports
 ``success: false`` with ``error`` = "<type>: <message>" and the server puts the
@@ -36,6 +37,7 @@ whose timeout outlives a claim. Every httpx error becomes ``SourceUnavailable``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -59,6 +61,8 @@ _QUOTE = 200
 
 class HttpTaskSource:
     """A ``TaskSource`` backed by a PrismQ TaskManager server."""
+
+    retries_by_source = True  # the server re-queues a failed task itself
 
     def __init__(
         self,
@@ -84,7 +88,7 @@ class HttpTaskSource:
         self._unknown: list[str] = []
         self._started = False
         self._starting = asyncio.Lock()
-        self._next = 0  # index in self._claimable of the next type to try
+        self._next = 0  # where the next claim starts, an index in self._type_ids
 
     @property
     def type_ids(self) -> dict[str, str]:
@@ -247,7 +251,8 @@ class HttpTaskSource:
             # Nothing a worker could run: fail it on the server rather than leave it claimed.
             log.warning("task %s of type %s has params that are not an object: reported as failed", task_id, name)
             error = f"InvalidParams: params must be a JSON object, got {_quote(data.get('params'))}"
-            await self._settle(task, {"worker_id": self.worker_id, "success": False, "error": error})
+            with contextlib.suppress(LeaseLost):  # claim() raises nothing but SourceUnavailable
+                await self._settle(task, {"worker_id": self.worker_id, "success": False, "error": error})
             return None
         return replace(task, params=params)
 
@@ -347,11 +352,11 @@ def check_timeouts(source_config: HttpSource, workers: Iterable[WorkerConfig]) -
 
 
 def _attempt(attempts: Any) -> int:
-    """This attempt's number: the claim's ``attempts`` counts the previous ones (0 when fresh)."""
+    """This attempt's number: the claim's ``attempts`` already counts this claim (1 when fresh)."""
     if isinstance(attempts, str) and attempts.strip().isdigit():
         attempts = int(attempts)
-    if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0:
-        return attempts + 1
+    if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 1:
+        return attempts
     return 1
 
 

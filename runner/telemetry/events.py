@@ -21,6 +21,7 @@ ATTEMPT_FINISHED = "attempt_finished"  # the container ended and was classified
 TASK_COMPLETED = "task_completed"
 TASK_RETRYING = "task_retrying"  # failed, will be tried again after data["delay"]
 TASK_FAILED = "task_failed"  # failed for good (failed, timeout or dead)
+TASK_RETURNED = "task_returned"  # failed, reported to a source that retries by its own rules
 TASK_RELEASED = "task_released"  # handed back unfinished (shutdown)
 LEASE_LOST = "lease_lost"  # the source gave the task to someone else meanwhile
 SOURCE_DOWN = "source_down"
@@ -65,7 +66,7 @@ def log_hook(event: Event) -> None:
     if event.task_id is None:
         log.log(logging.WARNING if event.name == SOURCE_DOWN else logging.INFO, "%s %s", event.name, event.data)
         return
-    level = logging.WARNING if event.name in (TASK_FAILED, LEASE_LOST, TASK_RETRYING) else logging.INFO
+    level = logging.WARNING if event.name in (TASK_FAILED, TASK_RETURNED, LEASE_LOST, TASK_RETRYING) else logging.INFO
     detail = " ".join(f"{k}={v}" for k, v in event.data.items() if k not in ("result",))
     log.log(
         level,

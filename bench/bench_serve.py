@@ -1,0 +1,233 @@
+"""``workerhost serve`` benchmarks, each against a baseline measured in the same run.
+
+1. Submitting 10,000 tasks to the embedded queue (in process), and 2,000 through the HTTP API.
+2. End-to-end throughput of trivial tasks through ``serve`` against the raw engine's
+   capacity at the same concurrency (parallel bare docker-py loops). Target: >= 0.85x.
+3. The host's resident memory with 50 tasks in flight (target: under 150 MB), and
+   after 2,000 tasks against after the first 200 (target: no growth beyond 10%).
+
+    python bench/bench_serve.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from runner.attempts import new_task
+from runner.docker import connect
+from runner.sources.embedded import EmbeddedQueue
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = "workerhost/python:3.11"
+TRIVIAL = ["/bin/sh", "-c", 'cat >/dev/null; echo \'{"success": true, "result": {}}\'']
+SLEEPER = ["/bin/sh", "-c", 'cat >/dev/null; sleep 20; echo \'{"success": true, "result": {}}\'']
+
+
+def submit_rate(count: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        queue = EmbeddedQueue(Path(tmp) / "q.db", owner="bench")
+        began = time.perf_counter()
+        for i in range(count):
+            queue.submit("Bench.Trivial", {"n": i}, max_attempts=1)
+        return count / (time.perf_counter() - began)
+
+
+def raw_engine_rate(concurrency: int, total: int) -> float:
+    """Parallel bare create/attach/start/write/read/wait/remove loops: what the engine can do."""
+    client = connect()
+    payload = new_task("Bench.Trivial", {}).to_json()
+    host_config = client.create_host_config(network_mode="none", mem_limit="64m", memswap_limit="64m")
+
+    def once(_: int) -> None:
+        cid = client.create_container(IMAGE, TRIVIAL, stdin_open=True, host_config=host_config,
+                                      network_disabled=True)["Id"]  # fmt: skip
+        sock = client.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})._sock
+        client.start(cid)
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):
+            pass
+        client.wait(cid)
+        sock.close()
+        client.remove_container(cid, force=True)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(once, range(concurrency)))  # warm up
+        began = time.perf_counter()
+        list(pool.map(once, range(total)))
+        return total / (time.perf_counter() - began)
+
+
+class ServeProcess:
+    def __init__(self, tmp: Path, concurrency: int, command: list[str]) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = tmp / "bench.toml"
+        config.write_text(f"""
+[host]
+id = "bench-{os.getpid()}"
+concurrency = {concurrency}
+http = "127.0.0.1:{self.port}"
+poll_max = "200ms"
+
+[task_manager]
+type = "embedded"
+path = "{tmp / "bench.db"}"
+
+[[workers]]
+name = "Bench.Trivial"
+image = "{IMAGE}"
+command = {json.dumps(command)}
+task_types = ["Bench.Trivial"]
+concurrency = {concurrency}
+timeout = "60s"
+memory = "64m"
+max_retries = 0
+""")
+        workerhost = Path(sys.executable).parent / "workerhost"
+        self.proc = subprocess.Popen([str(workerhost), "serve", "-c", str(config), "-q"], cwd=ROOT)
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+        for _ in range(300):
+            try:
+                self.http.get("/health")
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise SystemExit("serve did not start")
+
+    def submit(self, count: int) -> None:
+        for i in range(count):
+            self.http.post("/tasks", json={"type": "Bench.Trivial", "params": {"n": i}}).raise_for_status()
+
+    def counts(self) -> dict[str, int]:
+        tasks: dict[str, int] = self.http.get("/health").json()["source"]["tasks"]
+        return tasks
+
+    def wait_until(self, predicate: Any, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.counts()):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out; counts {self.counts()}")
+            time.sleep(0.05)
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def serve_rate(concurrency: int, total: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        host = ServeProcess(Path(tmp), concurrency, TRIVIAL)
+        try:
+            host.submit(concurrency)  # warm up
+            host.wait_until(lambda c: c["completed"] == concurrency)
+            submitter = threading.Thread(target=host.submit, args=(total,))
+            began = time.perf_counter()
+            submitter.start()
+            host.wait_until(lambda c: c["completed"] + c["failed"] + c["dead"] >= concurrency + total)
+            elapsed = time.perf_counter() - began
+            submitter.join()
+            failed = host.counts()["failed"] + host.counts()["dead"]
+            if failed:
+                raise SystemExit(f"{failed} trivial tasks failed")
+            return total / elapsed
+        finally:
+            host.stop()
+
+
+def memory(in_flight: int, soak: int) -> tuple[float, float, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        host = ServeProcess(Path(tmp), in_flight, SLEEPER)
+        try:
+            host.submit(in_flight)
+            host.wait_until(lambda c: c["running"] == in_flight, timeout=300)
+            time.sleep(2)  # every container started and attached
+            peak = host.rss_mb()
+        finally:
+            host.stop()
+    with tempfile.TemporaryDirectory() as tmp:
+        host = ServeProcess(Path(tmp), 4, TRIVIAL)
+        try:
+            host.submit(200)
+            host.wait_until(lambda c: c["completed"] >= 200)
+            warm = host.rss_mb()
+            host.submit(soak - 200)
+            host.wait_until(lambda c: c["completed"] >= soak)
+            after = host.rss_mb()
+        finally:
+            host.stop()
+    return peak, warm, after
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts, for a smoke run")
+    args = parser.parse_args()
+    concurrency = 4
+    total = 60 if args.quick else 240
+    soak = 400 if args.quick else 2000
+
+    rate = submit_rate(2000 if args.quick else 10000)
+    print(f"submit: {rate:,.0f} tasks/s into the embedded queue (in process)")
+    with tempfile.TemporaryDirectory() as tmp:
+        host = ServeProcess(Path(tmp), 1, TRIVIAL)
+        try:
+            host.http.post("/tasks", json={"type": "Nope", "params": {}})  # warm the server up
+            count = 500 if args.quick else 2000
+            began = time.perf_counter()
+            for i in range(count):
+                host.http.post("/tasks", json={"type": "Bench.Trivial", "params": {"n": i}, "priority": -1})
+            print(f"submit: {count / (time.perf_counter() - began):,.0f} tasks/s through POST /tasks (one client)")
+        finally:
+            host.proc.kill()
+            host.proc.wait()
+
+    raw = raw_engine_rate(concurrency, total)
+    ours = serve_rate(concurrency, total)
+    verdict = "meets" if ours / raw >= 0.85 else "MISSES"
+    print(f"throughput at concurrency {concurrency}, {total} trivial tasks:")
+    print(f"  raw engine (bare docker-py loops) {raw:6.1f} tasks/s")
+    print(f"  workerhost serve (submit -> done) {ours:6.1f} tasks/s")
+    print(f"  ratio {ours / raw:.2f}x ({verdict} the 0.85x target)")
+
+    peak, warm, after = memory(50, soak)
+    print(f"memory: {peak:.0f} MB resident with 50 tasks in flight ({'under' if peak < 150 else 'OVER'} 150 MB)")
+    growth = (after - warm) / warm
+    print(f"memory: {warm:.0f} MB after 200 tasks, {after:.0f} MB after {soak}: {growth:+.1%} "
+          f"({'within' if growth <= 0.10 else 'OVER'} +10%)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

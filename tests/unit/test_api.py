@@ -1,0 +1,563 @@
+"""runner.api: the HTTP face of `workerhost serve`, against a real embedded queue and a fake container runner."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from runner.api import create_app
+from runner.config import Config, WorkerConfig, loads
+from runner.docker import RunResult
+from runner.host import Host
+from runner.protocol import Envelope, ErrorInfo, Outcome, Status
+from runner.sources import ClaimedTask, Finished
+from runner.sources.embedded import EmbeddedQueue
+from runner.telemetry.metrics import Metrics
+
+ECHO, UPPER, STATS = "T.Echo", "T.Upper", "T.Stats"
+OWNER = "host:1:aaaa"
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+LIMIT = 64 * 1024
+
+CONFIG = """
+[host]
+id = "test-host"
+concurrency = 3
+max_body = "64k"
+
+[task_manager]
+type = "embedded"
+path = "{path}"
+
+[[workers]]
+name = "echo"
+image = "workerhost/echo:latest"
+task_types = ["T.Echo", "T.Upper"]
+max_retries = 2
+concurrency = 2
+
+[[workers]]
+name = "stats"
+image = "workerhost/stats:latest"
+task_types = ["T.Stats"]
+"""
+
+PRISMQ_CONFIG = """
+[host]
+id = "test-host"
+
+[task_manager]
+type = "http"
+url = "http://taskmanager.invalid/api"
+
+[[workers]]
+name = "echo"
+image = "workerhost/echo:latest"
+task_types = ["T.Echo"]
+"""
+
+
+class FakeRunner:
+    """What the API asks of the container runner, with answers the test sets."""
+
+    def __init__(self) -> None:
+        self.ping_error: str | None = None
+        self.images: set[str] = {"workerhost/echo:latest"}
+        self.image_error: str | None = None
+
+    def ping(self) -> str | None:
+        return self.ping_error
+
+    def image_present(self, image: str) -> bool:
+        if self.image_error is not None:
+            raise RuntimeError(self.image_error)
+        return image in self.images
+
+    def run(self, worker: WorkerConfig, task: Envelope) -> RunResult:
+        raise AssertionError("the API never runs a container")
+
+    def kill_task(self, task_id: str) -> int:
+        return 0
+
+    def reap(self, alive: Callable[[str], bool]) -> list[tuple[str, str]]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class StubSource:
+    """A task source that is not the embedded queue (the PrismQ case)."""
+
+    async def claim(self, task_types: Any) -> ClaimedTask | None:
+        return None
+
+    async def renew(self, task: ClaimedTask) -> None:
+        pass
+
+    async def complete(self, task: ClaimedTask, finished: Finished) -> None:
+        pass
+
+    async def fail(self, task: ClaimedTask, finished: Finished, retry_in: float | None) -> None:
+        pass
+
+    async def release(self, task: ClaimedTask) -> None:
+        pass
+
+    async def recover(self, task_id: str, owner: str) -> None:
+        pass
+
+    async def health(self) -> dict[str, Any]:
+        return {"type": "http", "reachable": True}
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class Env:
+    client: TestClient
+    queue: EmbeddedQueue
+    host: Host
+    runner: FakeRunner
+
+    def total(self) -> int:
+        return sum(self.queue.counts().values())
+
+    def submit(self, task_type: str = ECHO, **body: Any) -> dict[str, Any]:
+        response = self.client.post("/tasks", json={"type": task_type, **body})
+        assert response.status_code == 201, response.text
+        task: dict[str, Any] = response.json()
+        return task
+
+    def fail(self, task_type: str = ECHO) -> str:
+        """A task that failed for good, the way the host would report it."""
+        task_id = self.submit(task_type, priority=1000)["id"]  # claimed before any other
+        claimed = self.queue.claim_now([task_type])
+        assert claimed is not None and claimed.id == task_id
+        outcome = Outcome(Status.FAILED, error=ErrorInfo("ValueError", "bad text"), exit_code=2)
+        asyncio.run(self.queue.fail(claimed, Finished(outcome, worker="echo"), retry_in=None))
+        return str(task_id)
+
+
+def config_for(tmp_path: Path) -> Config:
+    return loads(CONFIG.format(path=tmp_path / "q.db"), source="test.toml", environ={})
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    config = config_for(tmp_path)
+    queue = EmbeddedQueue(path=tmp_path / "q.db", owner=OWNER)
+    runner = FakeRunner()
+    host = Host(config, queue, runner, owner=OWNER)
+    host.alive = True  # as if the loop ran; it does not in these tests
+    with TestClient(create_app(host, Metrics(), queue)) as client:
+        yield Env(client, queue, host, runner)
+    asyncio.run(queue.close())
+
+
+def error_of(response: Any) -> str:
+    """The JSON error every refusal carries."""
+    assert response.headers["content-type"].startswith("application/json"), response.headers
+    body = response.json()
+    assert isinstance(body, dict), body
+    assert isinstance(body.get("error"), str) and body["error"], body
+    message: str = body["error"]
+    return message
+
+
+# -- submit ---------------------------------------------------------------------------
+
+
+def test_submit_returns_the_new_pending_task(env: Env) -> None:
+    response = env.client.post(
+        "/tasks", json={"type": ECHO, "params": {"text": "hi"}, "correlation_id": "corr-1", "priority": 7}
+    )
+    assert response.status_code == 201, response.text
+    task = response.json()
+    assert isinstance(task["id"], str) and task["id"]
+    assert task["type"] == ECHO
+    assert task["status"] == "pending"
+    assert task["attempts"] == 0
+    assert task["max_attempts"] == 3  # max_retries + 1
+    assert task["priority"] == 7
+    assert task["params"] == {"text": "hi"}
+    assert task["correlation_id"] == "corr-1"
+    assert env.queue.get(task["id"]) == task
+    assert env.total() == 1
+
+
+def test_submit_without_params_or_correlation_id(env: Env) -> None:
+    task = env.submit(STATS)
+    assert task["params"] == {}
+    assert task["correlation_id"], "a correlation id is made up when none is given"
+    assert task["max_attempts"] == 4  # the default max_retries is 3
+
+
+def test_the_same_idempotency_key_returns_the_same_task(env: Env) -> None:
+    first = env.client.post("/tasks", json={"type": ECHO, "params": {"n": 1}, "idempotency_key": "order-42"})
+    assert first.status_code == 201
+    again = env.client.post("/tasks", json={"type": ECHO, "params": {"n": 1}, "idempotency_key": "order-42"})
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert env.total() == 1
+
+
+def test_an_idempotency_key_reused_for_other_content_is_a_conflict(env: Env) -> None:
+    first = env.client.post("/tasks", json={"type": ECHO, "params": {"n": 1}, "idempotency_key": "order-42"})
+    other = env.client.post("/tasks", json={"type": ECHO, "params": {"n": 2}, "idempotency_key": "order-42"})
+    assert other.status_code == 409
+    assert first.json()["id"] in error_of(other)
+    assert env.queue.get(first.json()["id"])["params"] == {"n": 1}  # type: ignore[index]
+    assert env.total() == 1
+
+
+def test_the_traceparent_header_is_stored(env: Env) -> None:
+    response = env.client.post("/tasks", json={"type": ECHO}, headers={"traceparent": TRACEPARENT})
+    assert response.status_code == 201
+    claimed = env.queue.claim_now([ECHO])
+    assert claimed is not None
+    assert claimed.id == response.json()["id"]
+    assert claimed.traceparent == TRACEPARENT
+
+
+def test_without_a_traceparent_header_none_is_stored(env: Env) -> None:
+    env.submit()
+    claimed = env.queue.claim_now([ECHO])
+    assert claimed is not None
+    assert claimed.traceparent is None
+
+
+# -- refusals store nothing -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b'{"type": "T.Echo",', 400, ["JSON"]),
+        (b"", 422, []),
+        (b"[1, 2]", 422, []),
+        (b'"T.Echo"', 422, []),
+        (b"null", 422, []),
+        (b'{"type": "T.Nope"}', 422, ["T.Nope"]),
+        (b'{"type": "T.Echo", "params": [1, 2]}', 422, ["params"]),
+        (b'{"type": "T.Echo", "params": "text"}', 422, ["params"]),
+        (b'{"type": "T.Echo", "colour": "red"}', 422, ["colour"]),
+        (b'{"params": {}}', 422, ["type"]),
+        (b'{"type": ""}', 422, ["type"]),
+        (b'{"type": 7}', 422, ["type"]),
+        (b'{"type": "T.Echo", "priority": 5000}', 422, ["priority"]),
+        (b'{"type": "T.Echo", "idempotency_key": ""}', 422, ["idempotency_key"]),
+    ],
+    ids=[
+        "invalid-json",
+        "empty",
+        "array",
+        "string",
+        "null",
+        "unknown-type",
+        "params-array",
+        "params-string",
+        "extra-field",
+        "missing-type",
+        "empty-type",
+        "type-not-string",
+        "priority-out-of-range",
+        "empty-idempotency-key",
+    ],
+)
+def test_a_bad_submission_is_refused_with_a_json_error_and_stores_nothing(
+    env: Env, body: bytes, status: int, says: list[str]
+) -> None:
+    response = env.client.post("/tasks", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    message = error_of(response)
+    for word in says:
+        assert word in message, f"{word!r} not in {message!r}"
+    assert env.total() == 0
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_params_that_are_not_json_numbers_are_refused(env: Env, token: str) -> None:
+    body = b'{"type": "T.Echo", "params": {"x": %s}}' % token.encode()
+    response = env.client.post("/tasks", content=body, headers={"content-type": "application/json"})
+    assert response.status_code in (400, 422), response.text
+    error_of(response)
+    assert env.total() == 0
+
+
+def test_an_unknown_task_type_lists_the_known_ones(env: Env) -> None:
+    response = env.client.post("/tasks", json={"type": "T.Nope"})
+    assert response.status_code == 422
+    assert "T.Nope" in error_of(response)
+    assert response.json()["known"] == [ECHO, UPPER, STATS]
+    assert env.total() == 0
+
+
+def test_a_validation_error_lists_the_fields(env: Env) -> None:
+    response = env.client.post("/tasks", json={"type": ECHO, "params": [1], "colour": "red"})
+    assert response.status_code == 422
+    error_of(response)
+    fields = {d["field"] for d in response.json()["details"]}
+    assert fields == {"body.params", "body.colour"}
+
+
+def test_an_oversized_body_with_a_content_length_is_413(env: Env) -> None:
+    body = json.dumps({"type": ECHO, "params": {"text": "x" * LIMIT}}).encode()
+    response = env.client.post("/tasks", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert str(LIMIT) in error_of(response)
+    assert env.total() == 0
+
+
+def test_an_oversized_chunked_body_is_413(env: Env) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"type": "T.Echo", "params": {"text": "'
+        for _ in range(20):
+            yield b"x" * 4096
+        yield b'"}}'
+
+    response = env.client.post("/tasks", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert str(LIMIT) in error_of(response)
+    assert env.total() == 0
+
+
+def test_a_body_just_under_the_limit_is_accepted(env: Env) -> None:
+    envelope = json.dumps({"type": ECHO, "params": {"text": ""}}).encode()
+    text = "x" * (LIMIT - len(envelope))
+    body = json.dumps({"type": ECHO, "params": {"text": text}}).encode()
+    assert len(body) == LIMIT
+    response = env.client.post("/tasks", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 201, response.text
+    assert env.total() == 1
+
+
+# -- inspect and retry ------------------------------------------------------------------------
+
+
+def test_get_a_task(env: Env) -> None:
+    task = env.submit(params={"text": "hi"})
+    response = env.client.get(f"/tasks/{task['id']}")
+    assert response.status_code == 200
+    assert response.json() == task
+
+
+def test_get_an_unknown_task_is_404(env: Env) -> None:
+    response = env.client.get("/tasks/no-such-task")
+    assert response.status_code == 404
+    assert "no-such-task" in error_of(response)
+
+
+def test_list_tasks_filters_and_limits(env: Env) -> None:
+    echo_1 = env.submit(ECHO)["id"]
+    stats = env.submit(STATS)["id"]
+    failed = env.fail(ECHO)
+    echo_2 = env.submit(UPPER)["id"]
+
+    def ids(query: str) -> list[str]:
+        response = env.client.get(f"/tasks{query}")
+        assert response.status_code == 200, response.text
+        return [t["id"] for t in response.json()]
+
+    assert ids("") == [echo_2, failed, stats, echo_1]
+    assert ids("?status=pending") == [echo_2, stats, echo_1]
+    assert ids("?status=failed") == [failed]
+    assert ids("?type=T.Stats") == [stats]
+    assert ids("?type=T.Echo&status=pending") == [echo_1]
+    assert ids("?type=T.Echo&status=failed") == [failed]
+    assert ids("?limit=2") == [echo_2, failed]
+    assert ids("?status=dead") == []
+    assert ids("?type=T.Nope") == []
+
+
+@pytest.mark.parametrize("query", ["?status=bogus", "?limit=0", "?limit=1001", "?limit=many"])
+def test_list_tasks_refuses_a_bad_query(env: Env, query: str) -> None:
+    response = env.client.get(f"/tasks{query}")
+    assert response.status_code == 422, response.text
+    message = error_of(response)
+    if "status" in query:
+        assert "bogus" in message
+        assert "pending" in message, "the known statuses are listed"
+    else:
+        assert "limit" in message
+
+
+def test_retry_a_failed_task(env: Env) -> None:
+    failed = env.fail()
+    assert env.queue.counts()["failed"] == 1
+    response = env.client.post(f"/tasks/{failed}/retry")
+    assert response.status_code == 200, response.text
+    task = response.json()
+    assert task["id"] == failed
+    assert task["status"] == "pending"
+    assert task["attempts"] == 0
+    assert env.queue.counts()["failed"] == 0
+    assert env.queue.counts()["pending"] == 1
+
+
+def test_retry_a_pending_task_is_409(env: Env) -> None:
+    task_id = env.submit()["id"]
+    response = env.client.post(f"/tasks/{task_id}/retry")
+    assert response.status_code == 409
+    assert "pending" in error_of(response)
+    assert env.client.get(f"/tasks/{task_id}").json()["status"] == "pending"
+
+
+def test_retry_an_unknown_task_is_404(env: Env) -> None:
+    response = env.client.post("/tasks/no-such-task/retry")
+    assert response.status_code == 404
+    assert "no-such-task" in error_of(response)
+
+
+# -- description, health, workers, metrics -------------------------------------------------------
+
+
+def test_openapi_is_served(env: Env) -> None:
+    response = env.client.get("/openapi.json")
+    assert response.status_code == 200
+    paths = response.json()["paths"]
+    assert "/tasks" in paths
+    assert "post" in paths["/tasks"] and "get" in paths["/tasks"]
+    assert "/tasks/{task_id}" in paths
+    assert "/health" in paths
+
+
+def test_health_ok(env: Env) -> None:
+    env.submit()
+    env.submit(STATS)
+    response = env.client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["host"] == {"id": "test-host", "alive": True, "stopping": False, "in_flight": 0, "concurrency": 3}
+    assert body["engine"] == {"reachable": True}
+    source = body["source"]
+    assert source["type"] == "embedded"
+    assert source["reachable"] is True
+    assert source["tasks"] == {"pending": 2, "running": 0, "completed": 0, "failed": 0, "dead": 0}
+
+
+def test_health_is_degraded_without_the_engine(env: Env) -> None:
+    env.runner.ping_error = "cannot reach /var/run/docker.sock"
+    response = env.client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["engine"] == {"reachable": False, "error": "cannot reach /var/run/docker.sock"}
+    assert body["source"]["reachable"] is True
+
+
+def test_health_is_503_when_the_loop_is_not_alive(env: Env) -> None:
+    env.host.alive = False
+    response = env.client.get("/health")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "down"
+    assert body["host"]["alive"] is False
+
+
+def test_health_shows_the_last_source_error(env: Env) -> None:
+    env.host.source_error = "database is locked"
+    body = env.client.get("/health").json()
+    assert body["source"]["last_error"] == "database is locked"
+
+
+def test_workers(env: Env) -> None:
+    response = env.client.get("/workers")
+    assert response.status_code == 200
+    echo, stats = response.json()
+    assert echo["name"] == "echo"
+    assert echo["image"] == "workerhost/echo:latest"
+    assert echo["task_types"] == [ECHO, UPPER]
+    assert echo["concurrency"] == 2
+    assert echo["in_flight"] == 0
+    assert echo["recent"] == []
+    assert echo["image_present"] is True
+    assert echo["engine_reachable"] is True
+    assert echo["healthy"] is True
+    assert stats["name"] == "stats"
+    assert stats["image_present"] is False
+    assert stats["healthy"] is False
+
+
+def test_one_workers_health(env: Env) -> None:
+    response = env.client.get("/workers/echo/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["name"] == "echo"
+    assert body["image_present"] is True
+    assert body["in_flight"] == 0
+    assert body["recent"] == []
+    assert body["healthy"] is True
+
+
+def test_an_unknown_workers_health_is_404(env: Env) -> None:
+    response = env.client.get("/workers/nope/health")
+    assert response.status_code == 404
+    assert "nope" in error_of(response)
+    assert response.json()["known"] == ["echo", "stats"]
+
+
+def test_a_worker_whose_recent_runs_all_failed_is_unhealthy(env: Env) -> None:
+    recent = env.host.workers["echo"].recent
+    for i in range(3):
+        recent.append({"task_id": f"t{i}", "outcome": "failed", "at": 0.0, "duration": 0.1})
+    body = env.client.get("/workers/echo/health").json()
+    assert len(body["recent"]) == 3
+    assert body["recent"][0]["outcome"] == "failed"
+    assert body["healthy"] is False
+    recent.append({"task_id": "t3", "outcome": "completed", "at": 0.0, "duration": 0.1})
+    assert env.client.get("/workers/echo/health").json()["healthy"] is True
+
+
+def test_a_worker_health_says_when_the_engine_fails(env: Env) -> None:
+    env.runner.image_error = "engine gone"
+    body = env.client.get("/workers/echo/health").json()
+    assert body["image_present"] is None
+    assert body["engine_reachable"] is False
+    assert body["engine_error"] == "engine gone"
+    assert body["healthy"] is False
+
+
+def test_metrics_count_the_queue(env: Env) -> None:
+    env.submit()
+    env.submit()
+    env.fail()
+    response = env.client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    assert "workerhost_queue_tasks" in families
+    depth = {s.labels["status"]: s.value for s in families["workerhost_queue_tasks"].samples}
+    assert depth == {"pending": 2.0, "running": 0.0, "completed": 0.0, "failed": 1.0, "dead": 0.0}
+    assert "workerhost_engine_up" in families
+
+
+# -- tasks that live elsewhere ------------------------------------------------------------------
+
+
+def test_without_the_embedded_queue_tasks_are_501(tmp_path: Path) -> None:
+    config = loads(PRISMQ_CONFIG, source="test.toml", environ={})
+    host = Host(config, StubSource(), FakeRunner(), owner=OWNER)
+    host.alive = True
+    with TestClient(create_app(host, Metrics(), None)) as client:
+        response = client.post("/tasks", json={"type": ECHO})
+        assert response.status_code == 501
+        assert "http" in error_of(response)
+        for path in ("/tasks", "/tasks/some-id"):
+            got = client.get(path)
+            assert got.status_code == 501, path
+            error_of(got)
+        assert client.post("/tasks/some-id/retry").status_code == 501
+        assert client.get("/health").json()["status"] == "ok"
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200

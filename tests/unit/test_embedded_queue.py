@@ -1,0 +1,483 @@
+"""runner.sources.embedded: the SQLite queue, its leases, retries, dead letters, and several processes on one file."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from runner.protocol import ErrorInfo, Outcome, Status
+from runner.sources import ClaimedTask, Finished, LeaseLost
+from runner.sources.embedded import STATUSES, EmbeddedQueue
+
+T = TypeVar("T")
+
+OWNER = "host:1:aaaa"
+OTHER = "host:2:bbbb"
+ECHO, STATS = "T.Echo", "T.Stats"
+
+COMPLETED = Outcome(Status.COMPLETED, result={"echo": "hi", "n": [1, 2]}, exit_code=0)
+RETRIABLE = Outcome(Status.FAILED, retriable=True, error=ErrorInfo("Busy", "try again later"), exit_code=1)
+PERMANENT = Outcome(Status.FAILED, retriable=False, error=ErrorInfo("ValueError", "bad text"), exit_code=2)
+TIMEOUT = Outcome(Status.TIMEOUT, error=ErrorInfo("Timeout", "killed at the deadline after 1s"), exit_code=None)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def finished(outcome: Outcome) -> Finished:
+    return Finished(outcome, worker="echo", image_id="sha256:feed", stderr_tail="last words\n", duration=0.25)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "q.db"
+
+
+@pytest.fixture
+def queue(path: Path) -> Iterator[EmbeddedQueue]:
+    opened = EmbeddedQueue(path=path, owner=OWNER)
+    yield opened
+    run(opened.close())
+
+
+def submit(queue: EmbeddedQueue, task_type: str = ECHO, max_attempts: int = 3, **kwargs: Any) -> str:
+    task, created = queue.submit(task_type, {"text": "hi"}, max_attempts=max_attempts, **kwargs)
+    assert created
+    return str(task["id"])
+
+
+def claim(queue: EmbeddedQueue, *task_types: str) -> ClaimedTask:
+    task = queue.claim_now(list(task_types or (ECHO,)))
+    assert task is not None, "expected a task to claim"
+    return task
+
+
+def status(queue: EmbeddedQueue, task_id: str) -> dict[str, Any]:
+    task = queue.get(task_id)
+    assert task is not None
+    return task
+
+
+# -- the file -------------------------------------------------------------------------
+
+
+def test_the_file_and_its_folder_are_created_on_first_use(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "q.db"
+    queue = EmbeddedQueue(path=path, owner=OWNER)
+    try:
+        assert path.is_file()
+        assert queue.counts() == dict.fromkeys(STATUSES, 0)
+    finally:
+        run(queue.close())
+
+
+def test_the_file_is_in_wal_mode(queue: EmbeddedQueue, path: Path) -> None:
+    submit(queue)
+    with sqlite3.connect(path) as other:
+        (mode,) = other.execute("PRAGMA journal_mode").fetchone()
+    assert mode == "wal"
+
+
+# -- submit and claim -------------------------------------------------------------------
+
+
+def test_submit_makes_a_pending_task_with_no_attempt(queue: EmbeddedQueue) -> None:
+    task, created = queue.submit(ECHO, {"text": "hi"}, max_attempts=3, priority=2, correlation_id="corr-1")
+    assert created
+    assert task["type"] == ECHO
+    assert task["status"] == "pending"
+    assert task["attempts"] == 0
+    assert task["max_attempts"] == 3
+    assert task["priority"] == 2
+    assert task["params"] == {"text": "hi"}
+    assert task["correlation_id"] == "corr-1"
+    assert "run_at" not in task  # due now
+    assert "error" not in task and "result" not in task
+    assert queue.get(task["id"]) == task
+
+
+def test_submit_without_a_correlation_id_gets_a_new_one(queue: EmbeddedQueue) -> None:
+    first, _ = queue.submit(ECHO, {}, max_attempts=1)
+    second, _ = queue.submit(ECHO, {}, max_attempts=1)
+    assert first["correlation_id"]
+    assert first["correlation_id"] != second["correlation_id"]
+
+
+def test_claim_runs_the_task_and_keeps_its_ids(queue: EmbeddedQueue) -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    task_id = submit(queue, correlation_id="corr-1", traceparent=traceparent)
+    task = claim(queue)
+    assert task.id == task_id
+    assert task.type == ECHO
+    assert task.params == {"text": "hi"}
+    assert task.attempt == 1
+    assert task.correlation_id == "corr-1"
+    assert task.traceparent == traceparent
+    shown = status(queue, task_id)
+    assert shown["status"] == "running"
+    assert shown["attempts"] == 1
+    assert "started_at" in shown
+    assert queue.claim_now([ECHO]) is None, "a running task with a live lease is not claimed twice"
+
+
+def test_claim_only_returns_the_requested_types(queue: EmbeddedQueue) -> None:
+    stats_id = submit(queue, STATS)
+    assert queue.claim_now([ECHO]) is None
+    assert queue.claim_now([]) is None
+    assert claim(queue, ECHO, STATS).id == stats_id
+    assert status(queue, stats_id)["status"] == "running"
+
+
+def test_claim_takes_higher_priority_first_then_first_in_first_out(queue: EmbeddedQueue) -> None:
+    low = submit(queue, priority=0)
+    high_1 = submit(queue, priority=5)
+    mid = submit(queue, priority=1)
+    high_2 = submit(queue, priority=5)
+    negative = submit(queue, priority=-3)
+    low_2 = submit(queue, priority=0)
+    order = [claim(queue).id for _ in range(6)]
+    assert order == [high_1, high_2, mid, low, low_2, negative]
+    assert queue.claim_now([ECHO]) is None
+
+
+def test_idempotency_key_returns_the_same_task(queue: EmbeddedQueue) -> None:
+    first, created = queue.submit(ECHO, {"n": 1}, max_attempts=3, idempotency_key="order-42")
+    assert created
+    again, created_again = queue.submit(ECHO, {"n": 2}, max_attempts=3, idempotency_key="order-42")
+    assert created_again is False
+    assert again["id"] == first["id"]
+    assert again["params"] == {"n": 1}
+    assert again["idempotency_key"] == "order-42"
+    other, created_other = queue.submit(ECHO, {"n": 3}, max_attempts=3, idempotency_key="order-43")
+    assert created_other
+    assert other["id"] != first["id"]
+    # Tasks without a key never collide.
+    queue.submit(ECHO, {}, max_attempts=3)
+    queue.submit(ECHO, {}, max_attempts=3)
+    assert sum(queue.counts().values()) == 4
+
+
+# -- settling ------------------------------------------------------------------------
+
+
+def test_complete_stores_the_result(queue: EmbeddedQueue) -> None:
+    task_id = submit(queue)
+    task = claim(queue)
+    run(queue.complete(task, finished(COMPLETED)))
+    shown = status(queue, task_id)
+    assert shown["status"] == "completed"
+    assert shown["result"] == {"echo": "hi", "n": [1, 2]}
+    assert shown["outcome"] == "completed"
+    assert shown["worker"] == "echo"
+    assert shown["image_id"] == "sha256:feed"
+    assert shown["duration"] == 0.25
+    assert "finished_at" in shown
+    assert "error" not in shown
+    assert queue.claim_now([ECHO]) is None
+
+
+def test_a_retry_waits_until_run_at(queue: EmbeddedQueue) -> None:
+    task_id = submit(queue)
+    task = claim(queue)
+    run(queue.fail(task, finished(RETRIABLE), retry_in=0.3))
+    shown = status(queue, task_id)
+    assert shown["status"] == "pending"
+    assert shown["attempts"] == 1
+    assert "run_at" in shown, "a pending retry shows when it runs next"
+    assert shown["run_at"] > shown["updated_at"]
+    assert shown["error"] == {"type": "Busy", "message": "try again later", "retriable": True}
+    assert queue.claim_now([ECHO]) is None, "not claimable before run_at"
+    time.sleep(0.4)
+    again = claim(queue)
+    assert again.id == task_id
+    assert again.attempt == 2
+
+
+def test_a_final_retriable_failure_is_dead(queue: EmbeddedQueue) -> None:
+    task_id = submit(queue)
+    run(queue.fail(claim(queue), finished(RETRIABLE), retry_in=None))
+    shown = status(queue, task_id)
+    assert shown["status"] == "dead"
+    assert shown["outcome"] == "failed"
+    assert shown["error"] == {"type": "Busy", "message": "try again later", "retriable": True}
+    assert shown["worker"] == "echo"
+    assert shown["image_id"] == "sha256:feed"
+    assert shown["stderr_tail"] == "last words\n"
+    assert "finished_at" in shown
+    assert "run_at" not in shown
+    assert "result" not in shown
+    assert queue.claim_now([ECHO]) is None
+
+
+@pytest.mark.parametrize(
+    ("outcome", "label"),
+    [(PERMANENT, "failed"), (TIMEOUT, "timeout")],
+    ids=["permanent", "timeout"],
+)
+def test_a_final_permanent_failure_or_timeout_is_failed(queue: EmbeddedQueue, outcome: Outcome, label: str) -> None:
+    task_id = submit(queue)
+    run(queue.fail(claim(queue), finished(outcome), retry_in=None))
+    shown = status(queue, task_id)
+    assert shown["status"] == "failed"
+    assert shown["outcome"] == label
+    assert outcome.error is not None
+    assert shown["error"] == {"type": outcome.error.type, "message": outcome.error.message, "retriable": False}
+    assert shown["worker"] == "echo"
+    assert shown["image_id"] == "sha256:feed"
+    assert shown["stderr_tail"] == "last words\n"
+    assert queue.claim_now([ECHO]) is None
+
+
+def test_retry_sends_failed_and_dead_tasks_back_to_pending(queue: EmbeddedQueue) -> None:
+    failed_id = submit(queue)
+    run(queue.fail(claim(queue), finished(PERMANENT), retry_in=None))
+    dead_id = submit(queue)
+    run(queue.fail(claim(queue), finished(RETRIABLE), retry_in=None))
+    for task_id in (failed_id, dead_id):
+        retried = queue.retry(task_id)
+        assert retried is not None
+        assert retried["id"] == task_id
+        assert retried["status"] == "pending"
+        assert retried["attempts"] == 0
+        assert "error" not in retried and "outcome" not in retried and "finished_at" not in retried
+    again = [claim(queue), claim(queue)]
+    assert {t.id for t in again} == {failed_id, dead_id}
+    assert [t.attempt for t in again] == [1, 1]
+    assert queue.counts() == {"pending": 0, "running": 2, "completed": 0, "failed": 0, "dead": 0}
+
+
+def test_retry_refuses_pending_running_completed_and_unknown_tasks(queue: EmbeddedQueue) -> None:
+    pending = submit(queue, STATS)
+    running = submit(queue)
+    claim(queue)
+    completed = submit(queue)
+    run(queue.complete(claim(queue), finished(COMPLETED)))
+    for task_id in (pending, running, completed, "no-such-task"):
+        assert queue.retry(task_id) is None
+    assert status(queue, pending)["status"] == "pending"
+    assert status(queue, running)["status"] == "running"
+    assert status(queue, completed)["status"] == "completed"
+
+
+# -- leases ---------------------------------------------------------------------------
+
+
+def test_an_expired_lease_goes_to_another_owner_and_the_first_loses_it(path: Path) -> None:
+    first = EmbeddedQueue(path=path, owner=OWNER, lease=0.2)
+    second = EmbeddedQueue(path=path, owner=OTHER, lease=30)
+    try:
+        task_id = submit(first)
+        mine = claim(first)
+        assert second.claim_now([ECHO]) is None, "the lease is live"
+        time.sleep(0.3)
+        theirs = claim(second)
+        assert theirs.id == task_id
+        assert theirs.attempt == 2, "the lost attempt counts"
+        assert status(second, task_id)["attempts"] == 2
+        with pytest.raises(LeaseLost):
+            run(first.complete(mine, finished(COMPLETED)))
+        with pytest.raises(LeaseLost):
+            run(first.renew(mine))
+        with pytest.raises(LeaseLost):
+            run(first.fail(mine, finished(RETRIABLE), retry_in=1.0))
+        assert status(second, task_id)["status"] == "running"
+        run(second.complete(theirs, finished(COMPLETED)))
+        assert status(first, task_id)["status"] == "completed"
+    finally:
+        run(first.close())
+        run(second.close())
+
+
+def test_renew_keeps_the_lease(path: Path) -> None:
+    first = EmbeddedQueue(path=path, owner=OWNER, lease=0.6)
+    second = EmbeddedQueue(path=path, owner=OTHER)
+    try:
+        submit(first)
+        mine = claim(first)
+        time.sleep(0.35)
+        run(first.renew(mine))
+        time.sleep(0.35)  # past the first lease, within the renewed one
+        assert second.claim_now([ECHO]) is None
+        run(first.complete(mine, finished(COMPLETED)))
+    finally:
+        run(first.close())
+        run(second.close())
+
+
+def test_an_expired_lease_with_no_attempt_left_is_dead(path: Path) -> None:
+    first = EmbeddedQueue(path=path, owner=OWNER, lease=0.2)
+    second = EmbeddedQueue(path=path, owner=OTHER)
+    try:
+        task_id = submit(first, max_attempts=1)
+        mine = claim(first)
+        time.sleep(0.3)
+        assert second.claim_now([ECHO]) is None
+        shown = status(second, task_id)
+        assert shown["status"] == "dead"
+        assert shown["attempts"] == 1
+        assert shown["outcome"] == "failed"
+        assert shown["error"]["type"] == "LeaseExpired"
+        assert shown["error"]["retriable"] is True
+        assert "finished_at" in shown
+        with pytest.raises(LeaseLost):
+            run(first.complete(mine, finished(COMPLETED)))
+    finally:
+        run(first.close())
+        run(second.close())
+
+
+def test_release_hands_the_task_back_without_counting_the_attempt(queue: EmbeddedQueue) -> None:
+    task_id = submit(queue)
+    task = claim(queue)
+    run(queue.release(task))
+    shown = status(queue, task_id)
+    assert shown["status"] == "pending"
+    assert shown["attempts"] == 0
+    again = claim(queue)
+    assert again.id == task_id
+    assert again.attempt == 1
+
+
+def test_recover_hands_back_the_task_of_a_dead_owner_only(path: Path) -> None:
+    dead = EmbeddedQueue(path=path, owner=OWNER)
+    alive = EmbeddedQueue(path=path, owner=OTHER)
+    try:
+        task_id = submit(dead)
+        claim(dead)
+        run(alive.recover(task_id, "host:9:ffff"))  # not its owner: nothing happens
+        assert status(alive, task_id)["status"] == "running"
+        assert status(alive, task_id)["attempts"] == 1
+        run(alive.recover(task_id, OWNER))
+        shown = status(alive, task_id)
+        assert shown["status"] == "pending"
+        # Like an expired lease, at once: the attempt that died with its host counts.
+        assert shown["attempts"] == 1
+        again = claim(alive)
+        assert again.id == task_id
+        assert again.attempt == 2
+        run(alive.recover(task_id, OWNER))  # now the other owner's: nothing happens
+        assert status(alive, task_id)["status"] == "running"
+    finally:
+        run(dead.close())
+        run(alive.close())
+
+
+def test_recover_with_no_attempt_left_is_dead(path: Path) -> None:
+    dead = EmbeddedQueue(path=path, owner=OWNER)
+    alive = EmbeddedQueue(path=path, owner=OTHER)
+    try:
+        task_id = submit(dead, max_attempts=1)
+        claim(dead)
+        run(alive.recover(task_id, OWNER))
+        shown = status(alive, task_id)
+        assert shown["status"] == "dead"
+        assert shown["attempts"] == 1
+        assert shown["outcome"] == "failed"
+        assert shown["error"]["type"] == "HostDied"
+        assert shown["error"]["retriable"] is True
+        assert alive.claim_now([ECHO]) is None
+    finally:
+        run(dead.close())
+        run(alive.close())
+
+
+def test_a_task_recover_sends_to_dead_has_finished_at(path: Path) -> None:
+    dead = EmbeddedQueue(path=path, owner=OWNER)
+    alive = EmbeddedQueue(path=path, owner=OTHER)
+    try:
+        task_id = submit(dead, max_attempts=1)
+        claim(dead)
+        run(alive.recover(task_id, OWNER))
+        shown = status(alive, task_id)
+        assert shown["status"] == "dead"
+        assert "finished_at" in shown
+    finally:
+        run(dead.close())
+        run(alive.close())
+
+
+# -- counts and health -------------------------------------------------------------------
+
+
+def test_counts_and_health(queue: EmbeddedQueue, path: Path) -> None:
+    for _ in range(3):
+        submit(queue)
+    submit(queue, STATS)
+    run(queue.complete(claim(queue), finished(COMPLETED)))
+    run(queue.fail(claim(queue), finished(PERMANENT), retry_in=None))
+    run(queue.fail(claim(queue), finished(RETRIABLE), retry_in=None))
+    claim(queue, STATS)
+    expected = {"pending": 0, "running": 1, "completed": 1, "failed": 1, "dead": 1}
+    assert queue.counts() == expected
+    health = run(queue.health())
+    assert health == {"type": "embedded", "path": str(path), "reachable": True, "tasks": expected}
+
+
+def test_list_filters_and_orders_newest_first(queue: EmbeddedQueue) -> None:
+    ids = [submit(queue) for _ in range(3)]
+    stats_id = submit(queue, STATS)
+    assert [t["id"] for t in queue.list()] == [stats_id, *reversed(ids)]
+    assert [t["id"] for t in queue.list(task_type=STATS)] == [stats_id]
+    assert [t["id"] for t in queue.list(limit=2)] == [stats_id, ids[2]]
+    claim(queue)
+    assert [t["id"] for t in queue.list(status="running")] == [ids[0]]
+    assert [t["id"] for t in queue.list(status="pending", task_type=ECHO)] == [ids[2], ids[1]]
+
+
+# -- several processes on one file -----------------------------------------------------------
+
+
+def _claim_until_empty(path: str, owner: str, start: Any, results: Any) -> None:
+    """A child process: claim and complete until nothing is left, then report what it got."""
+    queue = EmbeddedQueue(path=path, owner=owner, lease=120)
+    claimed: list[str] = []
+    try:
+        start.wait(timeout=60)
+        while (task := queue.claim_now([ECHO])) is not None:
+            claimed.append(task.id)
+            time.sleep(0.002)  # a little work, so that the others get their turn
+            run(queue.complete(task, Finished(COMPLETED, worker=owner)))
+    finally:
+        results.put((owner, claimed))
+        run(queue.close())
+
+
+def test_processes_sharing_one_file_never_claim_the_same_task(queue: EmbeddedQueue, path: Path) -> None:
+    submitted = {submit(queue) for _ in range(200)}
+    processes = 4
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(processes)
+    results = ctx.Queue()
+    children = [
+        ctx.Process(target=_claim_until_empty, args=(str(path), f"host:{100 + i}:cccc", start, results))
+        for i in range(processes)
+    ]
+    for child in children:
+        child.start()
+    try:
+        reports = dict(results.get(timeout=120) for _ in children)
+    finally:
+        for child in children:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+    assert [child.exitcode for child in children] == [0] * processes
+    claims = Counter(task_id for ids in reports.values() for task_id in ids)
+    twice = [task_id for task_id, n in claims.items() if n > 1]
+    assert not twice, f"claimed more than once: {twice}"
+    assert set(claims) == submitted, "every task was claimed"
+    assert sum(1 for ids in reports.values() if ids) >= 2, f"the processes did not compete: {reports.keys()}"
+    done = queue.list(status="completed", limit=1000)
+    assert len(done) == 200
+    assert {t["attempts"] for t in done} == {1}
+    claimer = {task_id: owner for owner, ids in reports.items() for task_id in ids}
+    assert all(t["worker"] == claimer[t["id"]] for t in done), "each task was completed by its claimer"
