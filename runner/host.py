@@ -81,7 +81,8 @@ def owner_alive(owner: str) -> bool:
             cmdline = f.read()
     except OSError:
         return False
-    return b"workerhost" in cmdline or b"runner" in cmdline
+    # `workerhost serve`, or `python -m runner serve`
+    return b"workerhost" in cmdline or b"runner\x00serve" in cmdline
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Host:
             max_workers=config.host.concurrency + 4, thread_name_prefix="workerhost-task"
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retries: dict[str, float] = {}  # task id -> when its retry is due (monotonic)
 
     # -- public -----------------------------------------------------------------
 
@@ -174,6 +176,8 @@ class Host:
         idle = 0
         source_failures = 0
         while not self.stopping.is_set():
+            # Cleared before the claim, not after: a wake() while it is under way must count.
+            self._wake.clear()
             types = self._claimable_types()
             if not types:
                 await self._pause(self.config.host.poll_max)
@@ -189,7 +193,7 @@ class Host:
                 source_failures = 0
                 self._source_up()
             if task is None:
-                if burst and not self.in_flight:
+                if burst and not self.in_flight and not self._retries_pending():
                     return
                 idle += 1
                 await self._pause(_backoff(idle, cap=self.config.host.poll_max, base=0.05))
@@ -202,13 +206,24 @@ class Host:
             return []
         return [t for w in self.workers.values() if w.in_flight < w.config.concurrency for t in w.config.task_types]
 
+    def _retries_pending(self) -> bool:
+        """Whether a retry this host scheduled is still to come (burst mode waits for it).
+
+        A retry that is well past due and was not claimed here went to another host.
+        """
+        now = time.monotonic()
+        for task_id, due in list(self._retries.items()):
+            if due < now - max(2.0, 2 * self.config.host.poll_max):
+                del self._retries[task_id]
+        return bool(self._retries)
+
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake up for a stop, a freed slot or a submitted task."""
-        self._wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     def _start(self, task: ClaimedTask) -> None:
+        self._retries.pop(task.id, None)
         worker = next((w for w in self.workers.values() if task.type in w.config.task_types), None)
         if worker is None:  # the source handed us a type we did not ask for
             coro: Coroutine[Any, Any, None] = self._refuse(task)
@@ -277,6 +292,7 @@ class Host:
         retry_in = decision.delay if decision.retry else None
         await self._settle(lambda: self.source.fail(task, finished, retry_in))
         if decision.retry:
+            self._retries[task.id] = time.monotonic() + decision.delay
             emit(events.TASK_RETRYING, delay=round(decision.delay, 3), error=f"{error.type}: {error.message}")
         else:
             emit(events.TASK_FAILED, outcome=_outcome_label(outcome), error=f"{error.type}: {error.message}")
@@ -293,6 +309,7 @@ class Host:
         async for attempt in retrying:
             with attempt:
                 await asyncio.shield(report())
+        self._source_up()
 
     async def _renew(self, task: ClaimedTask) -> None:
         """Renew the task's lease while its container runs (a third of the lease, each time)."""
@@ -301,6 +318,7 @@ class Host:
             await asyncio.sleep(period)
             try:
                 await self.source.renew(task)
+                self._source_up()
             except LeaseLost as exc:
                 log.warning("task %s: %s", task.id, exc)
                 return

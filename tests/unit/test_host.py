@@ -1,0 +1,886 @@
+"""runner.host: the real host loop against an in-memory source and a fake container runner.
+
+No Docker and no network: ``InMemorySource`` implements the ``TaskSource`` port
+over a dict and records every call; ``FakeRunner`` stands in for
+``DockerRunner``, blocking its thread for as long as a task's params say and
+ending the way they say. Each test runs ``Host.run`` in ``asyncio.run``,
+usually in burst mode, so that it finishes by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.config import Config, WorkerConfig, loads
+from runner.docker import RunResult
+from runner.host import Host, owner_alive
+from runner.protocol import ContainerEnd, Envelope, ErrorInfo
+from runner.sources import ClaimedTask, Finished, LeaseLost, SourceUnavailable
+from runner.telemetry import events
+from runner.telemetry.events import Event, Hooks
+
+ROOT = Path(__file__).resolve().parents[2]
+OWNER = "test:1:x"
+LIMIT = 8.0  # no test may hang: the host loop is stopped after this many seconds
+
+
+# -- the in-memory source ------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    """One call the host made to the source."""
+
+    name: str
+    at: float  # time.monotonic()
+    args: tuple[Any, ...]
+
+
+@dataclass
+class StoredTask:
+    id: str
+    type: str
+    params: dict[str, Any]
+    correlation_id: str | None = None
+    traceparent: str | None = None
+    status: str = "pending"  # pending, running, completed or failed (final)
+    attempts: int = 0
+    run_at: float = 0.0  # time.monotonic() from which a pending task may be claimed
+    finished: Finished | None = None
+
+
+class InMemorySource:
+    """The ``TaskSource`` port over a dict of tasks, recording every call.
+
+    ``down`` makes every call but ``close`` raise ``SourceUnavailable``;
+    ``complete_outages[id] = n`` makes the next n ``complete`` calls of that
+    task raise it; ``lease_lost_on_complete`` holds the ids whose ``complete``
+    raises ``LeaseLost``. ``ignore_types`` hands out tasks of any type (a
+    misbehaving backend); ``claim_delay`` makes a claim take that long after
+    it has picked its task (a round trip to a remote queue), ``report_delay``
+    a ``complete`` or ``fail`` before it lands. ``retries_by_source`` says that
+    the backend retries failed tasks by its own rules (as PrismQ's does).
+    """
+
+    def __init__(
+        self, *, ignore_types: bool = False, claim_delay: float = 0.0, retries_by_source: bool = False
+    ) -> None:
+        self.retries_by_source = retries_by_source
+        self.tasks: dict[str, StoredTask] = {}
+        self.calls: list[Call] = []
+        self.down = False
+        self.complete_outages: dict[str, int] = {}
+        self.lease_lost_on_complete: set[str] = set()
+        self.ignore_types = ignore_types
+        self.claim_delay = claim_delay
+        self.report_delay = 0.0
+        self.claiming = False
+        self.violations: list[str] = []  # reports of tasks the host did not hold
+
+    def add(
+        self,
+        task_id: str,
+        task_type: str = "a",
+        correlation_id: str | None = None,
+        status: str = "pending",
+        **params: Any,
+    ) -> None:
+        self.tasks[task_id] = StoredTask(task_id, task_type, params, correlation_id, status=status)
+
+    # -- what the tests read --
+
+    def named(self, name: str) -> list[Call]:
+        return [c for c in self.calls if c.name == name]
+
+    def completes(self, task_id: str) -> list[Call]:
+        return [c for c in self.named("complete") if c.args[0] == task_id]
+
+    def fails(self, task_id: str) -> list[Call]:
+        return [c for c in self.named("fail") if c.args[0] == task_id]
+
+    def status(self, task_id: str) -> str:
+        return self.tasks[task_id].status
+
+    def settled(self, *task_ids: str) -> bool:
+        return all(self.tasks[t].status in ("completed", "failed") for t in task_ids)
+
+    # -- the port --
+
+    async def claim(self, task_types: Collection[str]) -> ClaimedTask | None:
+        types = list(task_types)
+        self._enter("claim", types)
+        now = time.monotonic()
+        found = next(
+            (
+                t
+                for t in self.tasks.values()
+                if t.status == "pending" and t.run_at <= now and (self.ignore_types or t.type in types)
+            ),
+            None,
+        )
+        if found is not None:
+            found.status = "running"
+            found.attempts += 1
+        if self.claim_delay:
+            self.claiming = True
+            try:
+                await asyncio.sleep(self.claim_delay)
+            finally:
+                self.claiming = False
+        if found is None:
+            return None
+        return ClaimedTask(
+            found.id,
+            found.type,
+            dict(found.params),
+            found.attempts,
+            found.correlation_id,
+            found.traceparent,
+            receipt=found.attempts,
+        )
+
+    async def renew(self, task: ClaimedTask) -> None:
+        self._enter("renew", task.id)
+
+    async def complete(self, task: ClaimedTask, finished: Finished) -> None:
+        self._enter("complete", task.id, finished)
+        if self.complete_outages.get(task.id, 0) > 0:
+            self.complete_outages[task.id] -= 1
+            raise SourceUnavailable("the in-memory source blinked")
+        if task.id in self.lease_lost_on_complete:
+            raise LeaseLost(f"task {task.id}: the lease was lost")
+        await asyncio.sleep(self.report_delay)
+        self._settle(task, finished, "completed", None)
+
+    async def fail(self, task: ClaimedTask, finished: Finished, retry_in: float | None) -> None:
+        self._enter("fail", task.id, finished, retry_in)
+        await asyncio.sleep(self.report_delay)
+        self._settle(task, finished, "failed" if retry_in is None else "pending", retry_in)
+
+    async def release(self, task: ClaimedTask) -> None:
+        self._enter("release", task.id)
+        stored = self._held(task)
+        stored.status = "pending"
+        stored.attempts -= 1  # a released attempt does not count
+
+    async def recover(self, task_id: str, owner: str) -> None:
+        self._enter("recover", task_id, owner)
+        stored = self.tasks.get(task_id)
+        if stored is not None and stored.status == "running":
+            stored.status = "pending"
+
+    async def health(self) -> dict[str, Any]:
+        self._enter("health")
+        return {"type": "memory", "reachable": True}
+
+    async def close(self) -> None:
+        self.calls.append(Call("close", time.monotonic(), ()))
+
+    # -- helpers --
+
+    def _enter(self, name: str, *args: Any) -> None:
+        self.calls.append(Call(name, time.monotonic(), args))
+        if self.down:
+            raise SourceUnavailable("the in-memory source is down")
+
+    def _held(self, task: ClaimedTask) -> StoredTask:
+        stored = self.tasks[task.id]
+        if stored.status != "running" or stored.attempts != task.receipt:
+            self.violations.append(f"{task.id}: reported while {stored.status} (attempt {task.receipt})")
+        return stored
+
+    def _settle(self, task: ClaimedTask, finished: Finished, status: str, retry_in: float | None) -> None:
+        stored = self._held(task)
+        stored.status = status
+        stored.finished = finished
+        if retry_in is not None:
+            stored.run_at = time.monotonic() + retry_in
+
+
+# -- the fake runner -------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One container run as the fake runner saw it."""
+
+    task_id: str
+    worker: str
+    envelope: Envelope
+    start: float
+    end: float = 0.0
+    killed: bool = False
+
+
+@dataclass
+class FakeRunner:
+    """``DockerRunner``'s place: each run blocks for ``params["sleep"]`` and ends as the params say.
+
+    ``params["exit"]`` is the exit code of every attempt (0 by default, with
+    ``params["result"]`` as the result); ``params["script"]`` gives one step
+    per attempt (the last repeats): an exit code, ``"timeout"`` (killed at the
+    deadline) or ``"engine"`` (a retriable engine error).
+    """
+
+    reaped: list[tuple[str, str]] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
+    killed: list[str] = field(default_factory=list)
+    reap_calls: list[Callable[[str], bool]] = field(default_factory=list)
+    pings: int = 0
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stops: dict[str, threading.Event] = {}
+        self._released = False
+
+    def run(self, worker: WorkerConfig, envelope: Envelope) -> RunResult:
+        stop = threading.Event()
+        record = Run(envelope.id, worker.name, envelope, time.monotonic())
+        with self._lock:
+            self.runs.append(record)
+            self._stops[envelope.id] = stop
+            if self._released:
+                stop.set()
+        killed = stop.wait(float(envelope.params.get("sleep", 0.0)))
+        record.end = time.monotonic()
+        with self._lock:
+            self._stops.pop(envelope.id, None)
+        duration = record.end - record.start
+        if killed:
+            record.killed = True
+            return RunResult(ContainerEnd(exit_code=137), container_id=f"c-{envelope.id}", duration=duration)
+        return RunResult(_end(envelope), container_id=f"c-{envelope.id}", image_id="sha256:fake", duration=duration)
+
+    def kill_task(self, task_id: str) -> int:
+        with self._lock:
+            self.killed.append(task_id)
+            stop = self._stops.get(task_id)
+        if stop is None:
+            return 0
+        stop.set()
+        return 1
+
+    def reap(self, alive: Callable[[str], bool]) -> list[tuple[str, str]]:
+        self.reap_calls.append(alive)
+        return list(self.reaped)
+
+    def ping(self) -> str | None:
+        self.pings += 1
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+        self.release_all()
+
+    def release_all(self) -> None:
+        """End every run now and every later one at once (so that no thread outlives a failed test)."""
+        with self._lock:
+            self._released = True
+            stops = list(self._stops.values())
+        for stop in stops:
+            stop.set()
+
+    # -- what the tests read --
+
+    def envelopes(self, task_id: str) -> list[Envelope]:
+        return [r.envelope for r in self.runs if r.task_id == task_id]
+
+    def started(self, task_id: str) -> bool:
+        return any(r.task_id == task_id for r in self.runs)
+
+
+def _end(envelope: Envelope) -> ContainerEnd:
+    params = envelope.params
+    script = params.get("script", [params.get("exit", 0)])
+    step = script[min(envelope.attempt, len(script)) - 1]
+    if step == "timeout":
+        return ContainerEnd(exit_code=137, deadline_hit=True, timeout=5.0)
+    if step == "engine":
+        return ContainerEnd(
+            exit_code=None, engine_error=ErrorInfo("EngineError", "the engine went away"), engine_retriable=True
+        )
+    if step == 0:
+        result = params.get("result", {"id": envelope.id, "attempt": envelope.attempt})
+        return ContainerEnd(exit_code=0, stdout=json.dumps({"success": True, "result": result}).encode())
+    error = {"type": "Busy" if step == 1 else "Bad", "message": f"exit {step}"}
+    return ContainerEnd(exit_code=int(step), stdout=json.dumps({"success": False, "error": error}).encode())
+
+
+# -- driving the host --------------------------------------------------------------------
+
+
+class Recorder:
+    """A hook that keeps every event."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+
+    def names(self, task_id: str | None = None) -> list[str]:
+        return [e.name for e in self.events if task_id is None or e.task_id == task_id]
+
+    def of(self, task_id: str) -> list[Event]:
+        return [e for e in self.events if e.task_id == task_id]
+
+
+def worker(
+    name: str, types: list[str] | None = None, concurrency: int = 1, max_retries: int = 2, backoff: str = "10ms"
+) -> str:
+    return f"""
+[[workers]]
+name = "{name}"
+image = "fake/{name}:1"
+task_types = {json.dumps(types or [name])}
+concurrency = {concurrency}
+max_retries = {max_retries}
+backoff = "{backoff}"
+"""
+
+
+def make_config(*workers: str, concurrency: int = 2, grace: str = "2s", poll_max: str = "100ms") -> Config:
+    host = f"""
+[host]
+id = "test-host"
+concurrency = {concurrency}
+grace = "{grace}"
+poll_max = "{poll_max}"
+"""
+    return loads(host + "".join(workers or (worker("a"),)), environ={})
+
+
+During = Callable[[Host], Awaitable[None]]
+
+
+def drive(
+    config: Config,
+    source: InMemorySource,
+    runner: FakeRunner,
+    *,
+    hooks: Hooks | None = None,
+    burst: bool = True,
+    during: During | None = None,
+) -> Host:
+    """Run the real host until ``run()`` returns, with ``during`` running beside it."""
+
+    async def main() -> Host:
+        host = Host(config, source, runner, hooks, owner=OWNER)
+        loop = asyncio.create_task(host.run(burst=burst), name="host")
+        try:
+            if during is not None:
+                await asyncio.wait_for(during(host), LIMIT)
+            await asyncio.wait_for(asyncio.shield(loop), LIMIT)
+        finally:
+            if not loop.done():  # a failed test: stop the loop, end the runs, and do not hang
+                host.stop()
+                runner.release_all()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(loop, 5)
+        return host
+
+    return asyncio.run(main())
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 3.0, what: str = "a condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def stop_when(predicate: Callable[[], bool], what: str) -> During:
+    """A ``during`` that stops the host once ``predicate`` holds (for runs that are not bursts)."""
+
+    async def during(host: Host) -> None:
+        await until(predicate, timeout=5.0, what=what)
+        host.stop()
+
+    return during
+
+
+def max_overlap(runs: Iterable[Run]) -> int:
+    """The most runs that were under way at one moment."""
+    edges = sorted((t, delta) for r in runs for t, delta in ((r.start, 1), (r.end, -1)))  # ends sort first
+    current = peak = 0
+    for _, delta in edges:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+# -- claiming, running, reporting ----------------------------------------------------------
+
+
+def test_every_task_completes_and_is_reported_once_with_its_result() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    ids = [f"t-{i}" for i in range(5)]
+    for i, task_id in enumerate(ids):
+        source.add(task_id, sleep=0.02, result={"n": i})
+
+    drive(make_config(worker("a", concurrency=2)), source, runner)
+
+    for i, task_id in enumerate(ids):
+        [call] = source.completes(task_id)
+        finished: Finished = call.args[1]
+        assert finished.outcome.ok
+        assert finished.outcome.result == {"n": i}
+        assert finished.worker == "a"
+        assert finished.image_id == "sha256:fake"
+        assert source.status(task_id) == "completed"
+        assert len(runner.envelopes(task_id)) == 1
+    assert source.named("fail") == []
+    assert source.violations == []
+
+
+def test_host_concurrency_bounds_runs_across_workers() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    for i in range(6):
+        source.add(f"t-{i}", sleep=0.1)
+
+    drive(make_config(worker("a", concurrency=5), concurrency=2), source, runner)
+
+    assert len(runner.runs) == 6
+    assert max_overlap(runner.runs) == 2  # never more than the host's 2, and the 2 were used
+    assert source.settled(*source.tasks)
+    assert all(source.status(t) == "completed" for t in source.tasks)
+
+
+def test_each_worker_keeps_to_its_concurrency_and_a_slow_one_starves_no_other() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    for i in range(3):  # first in the queue, so a host that ignored per-worker bounds would fill up with them
+        source.add(f"slow-{i}", "a", sleep=0.3)
+    for i in range(6):
+        source.add(f"fast-{i}", "b", sleep=0.05)
+    config = make_config(worker("a", concurrency=1), worker("b", concurrency=2), concurrency=3)
+
+    drive(config, source, runner)
+
+    slow = [r for r in runner.runs if r.worker == "a"]
+    fast = [r for r in runner.runs if r.worker == "b"]
+    assert len(slow) == 3 and len(fast) == 6
+    assert max_overlap(slow) == 1
+    assert max_overlap(fast) == 2
+    assert max_overlap(runner.runs) <= 3
+    assert max(r.end for r in fast) < max(r.end for r in slow)
+    assert all(source.status(t) == "completed" for t in source.tasks)
+
+
+# -- failures and retries --------------------------------------------------------------------
+
+
+def test_retriable_failures_are_retried_through_the_source_then_reported_final() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", correlation_id="corr-1", exit=1)
+    recorder = Recorder()
+
+    drive(
+        make_config(worker("a", max_retries=2, backoff="10ms")),
+        source,
+        runner,
+        hooks=Hooks([recorder]),
+        burst=False,
+        during=stop_when(lambda: source.settled("t-1"), "t-1's final failure"),
+    )
+
+    fails = source.fails("t-1")
+    retry_ins = [c.args[2] for c in fails]
+    assert len(retry_ins) == 3  # the first attempt and max_retries = 2 more
+    assert 0.01 <= retry_ins[0] <= 0.02  # backoff * 2**(n-1), plus up to one backoff of jitter
+    assert 0.02 <= retry_ins[1] <= 0.03
+    assert retry_ins[2] is None
+    assert all(not c.args[1].outcome.ok and c.args[1].outcome.error.type == "Busy" for c in fails)
+    assert source.status("t-1") == "failed"
+    envelopes = runner.envelopes("t-1")
+    assert [e.attempt for e in envelopes] == [1, 2, 3]
+    assert {e.correlation_id for e in envelopes} == {"corr-1"}
+    assert source.completes("t-1") == []
+    assert recorder.names("t-1").count(events.TASK_RETRYING) == 2
+    assert recorder.names("t-1").count(events.TASK_FAILED) == 1
+    assert source.violations == []
+
+
+@pytest.mark.parametrize(
+    ("params", "error_type"),
+    [({"exit": 2}, "Bad"), ({"script": ["timeout"]}, "Timeout")],
+    ids=["permanent", "timeout"],
+)
+def test_permanent_failures_and_timeouts_are_final_at_once(params: dict[str, Any], error_type: str) -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", **params)
+
+    drive(make_config(worker("a", max_retries=3)), source, runner)
+
+    [call] = source.fails("t-1")
+    finished: Finished = call.args[1]
+    assert call.args[2] is None
+    assert finished.outcome.error is not None and finished.outcome.error.type == error_type
+    assert len(runner.runs) == 1
+    assert source.status("t-1") == "failed"
+
+
+def test_a_retriable_engine_error_is_retried() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", script=["engine", 0], result="second time lucky")
+
+    drive(
+        make_config(worker("a", max_retries=2)),
+        source,
+        runner,
+        burst=False,
+        during=stop_when(lambda: source.settled("t-1"), "t-1's outcome"),
+    )
+
+    [failed] = source.fails("t-1")
+    assert failed.args[2] is not None and failed.args[2] > 0
+    assert failed.args[1].outcome.error == ErrorInfo("EngineError", "the engine went away")
+    [completed] = source.completes("t-1")
+    assert completed.args[1].outcome.result == "second time lucky"
+    assert [e.attempt for e in runner.envelopes("t-1")] == [1, 2]
+
+
+def test_a_source_that_retries_by_itself_gets_every_failure_as_final() -> None:
+    source, runner = InMemorySource(retries_by_source=True), FakeRunner()
+    source.add("t-1", exit=1)
+    recorder = Recorder()
+
+    drive(make_config(worker("a", max_retries=3)), source, runner, hooks=Hooks([recorder]))
+
+    [call] = source.fails("t-1")
+    assert call.args[2] is None  # no retry_in: the backend's rules decide, so that retries do not multiply
+    assert call.args[1].outcome.retriable
+    assert len(runner.runs) == 1
+    assert recorder.names("t-1")[-1] == events.TASK_RETURNED
+    assert events.TASK_RETRYING not in recorder.names("t-1")
+
+
+def test_burst_waits_for_a_retry_that_is_due() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", script=[1, 0])
+
+    drive(make_config(worker("a", max_retries=2, backoff="100ms")), source, runner)
+
+    assert len(source.completes("t-1")) == 1
+    assert source.status("t-1") == "completed"
+
+
+# -- the source misbehaving --------------------------------------------------------------------
+
+
+def test_the_loop_backs_off_while_the_source_is_down_and_resumes_when_it_is_back() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1")
+    source.add("t-2")
+    source.down = True
+    recorder = Recorder()
+
+    async def outage(host: Host) -> None:
+        await until(lambda: len(source.named("claim")) >= 1, what="a first claim")
+        await asyncio.sleep(0.3)
+        assert len(source.named("claim")) == 1, "no backoff: the loop hammers a source that is down"
+        assert host.source_error is not None and "down" in host.source_error
+        assert recorder.names() == [events.SOURCE_DOWN]
+        source.down = False
+
+    host = drive(make_config(), source, runner, hooks=Hooks([recorder]), during=outage)
+
+    assert source.status("t-1") == source.status("t-2") == "completed"
+    assert host.source_error is None
+    host_events = [e.name for e in recorder.events if e.task_id is None]
+    assert host_events == [events.SOURCE_DOWN, events.SOURCE_UP]
+
+
+def test_a_report_the_source_refuses_for_a_while_is_retried_until_it_lands() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", result={"kept": True})
+    source.add("t-2")
+    source.complete_outages["t-1"] = 2
+
+    drive(make_config(), source, runner)
+
+    calls = source.completes("t-1")
+    assert len(calls) == 3
+    assert all(c.args[1].outcome.result == {"kept": True} for c in calls)
+    assert source.status("t-1") == "completed"
+    assert source.tasks["t-1"].finished is not None
+    assert source.tasks["t-1"].finished.outcome.result == {"kept": True}
+    assert source.status("t-2") == "completed"
+    assert len(runner.envelopes("t-1")) == 1  # the outcome was reported again, not the task run again
+
+
+def test_the_source_is_up_again_once_a_refused_report_lands() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1")
+    source.complete_outages["t-1"] = 1
+    recorder = Recorder()
+
+    host = drive(make_config(), source, runner, hooks=Hooks([recorder]))
+
+    assert source.status("t-1") == "completed"
+    assert recorder.names(None).count(events.SOURCE_DOWN) == 1
+    assert host.source_error is None
+    assert [e.name for e in recorder.events if e.task_id is None] == [events.SOURCE_DOWN, events.SOURCE_UP]
+
+
+def test_a_lost_lease_on_complete_is_an_event_and_the_loop_goes_on() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    for task_id in ("t-1", "t-2", "t-3"):
+        source.add(task_id, sleep=0.02)
+    source.lease_lost_on_complete.add("t-1")
+    recorder = Recorder()
+
+    drive(make_config(worker("a", concurrency=1), concurrency=1), source, runner, hooks=Hooks([recorder]))
+
+    assert recorder.names("t-1")[-1] == events.LEASE_LOST
+    assert events.TASK_COMPLETED not in recorder.names("t-1")
+    assert len(source.completes("t-1")) == 1  # not retried: the task is someone else's now
+    assert source.fails("t-1") == []
+    assert source.status("t-2") == source.status("t-3") == "completed"
+
+
+def test_a_task_of_a_type_no_worker_handles_is_failed_for_good() -> None:
+    source, runner = InMemorySource(ignore_types=True), FakeRunner()
+    source.add("t-odd", "nobody.handles.this")
+    source.add("t-1")
+
+    drive(make_config(), source, runner)
+
+    [call] = source.fails("t-odd")
+    finished: Finished = call.args[1]
+    assert call.args[2] is None
+    assert finished.outcome.error is not None and finished.outcome.error.type == "UnknownTaskType"
+    assert source.status("t-odd") == "failed"
+    assert not runner.started("t-odd")
+    assert source.status("t-1") == "completed"
+
+
+# -- drain and shutdown ------------------------------------------------------------------------
+
+
+def test_stop_drains_a_task_in_flight_and_claims_nothing_more() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-long", sleep=0.5)
+    source.report_delay = 0.2  # the report, too, is part of the task in flight
+    stopped: list[float] = []
+
+    async def stop_while_running(host: Host) -> None:
+        await until(lambda: runner.started("t-long"), what="t-long to start")
+        stopped.append(time.monotonic())
+        host.stop()
+        source.add("t-late")  # ready at once, but the host is stopping
+
+    drive(make_config(worker("a", concurrency=2), grace="2s"), source, runner, burst=False, during=stop_while_running)
+    returned = time.monotonic()
+
+    assert [c for c in source.named("claim") if c.at >= stopped[0]] == []
+    assert not runner.started("t-late")
+    assert source.status("t-late") == "pending"
+    assert len(source.completes("t-long")) == 1
+    assert source.status("t-long") == "completed"
+    assert runner.killed == []
+    assert source.named("release") == []
+    assert returned - stopped[0] < 2.0  # within the grace period
+    assert runner.runs[0].end <= returned
+
+
+def test_past_the_grace_period_the_container_is_killed_and_the_task_released() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", sleep=30)
+    recorder = Recorder()
+    stopped: list[float] = []
+
+    async def stop_while_running(host: Host) -> None:
+        await until(lambda: runner.started("t-1"), what="t-1 to start")
+        stopped.append(time.monotonic())
+        host.stop()
+
+    drive(make_config(grace="300ms"), source, runner, hooks=Hooks([recorder]), burst=False, during=stop_while_running)
+    returned = time.monotonic()
+
+    assert runner.killed == ["t-1"]
+    assert runner.runs[0].killed
+    assert 0.3 <= runner.runs[0].end - stopped[0] < 1.0
+    assert [c.args[0] for c in source.named("release")] == ["t-1"]
+    assert source.named("complete") == source.named("fail") == []
+    assert source.status("t-1") == "pending"
+    assert source.tasks["t-1"].attempts == 0  # handed back: the attempt does not count
+    assert recorder.names("t-1")[-1] == events.TASK_RELEASED
+    assert returned - stopped[0] < 1.5
+
+
+# -- start-up, hooks, events, wake ------------------------------------------------------------
+
+
+def test_orphans_are_reaped_and_their_tasks_recovered_before_any_claim() -> None:
+    source = InMemorySource()
+    runner = FakeRunner(reaped=[("t-1", "other:99:y"), ("", "other:98:z")])  # the second had no task label
+    source.add("t-1", status="running")  # held by the dead instance
+    source.add("t-2")
+
+    drive(make_config(), source, runner)
+
+    assert runner.reap_calls == [owner_alive]
+    names = [c.name for c in source.calls]
+    assert names.index("recover") < names.index("claim")
+    assert [c.args for c in source.named("recover")] == [("t-1", "other:99:y")]
+    assert source.status("t-1") == source.status("t-2") == "completed"
+
+
+def test_a_hook_that_always_raises_changes_no_outcome() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    for i in range(4):
+        source.add(f"t-{i}", exit=0 if i else 2)
+    recorder = Recorder()
+    calls: list[str] = []
+
+    def broken(event: Event) -> None:
+        calls.append(event.name)
+        raise RuntimeError("telemetry is broken")
+
+    drive(make_config(), source, runner, hooks=Hooks([broken, recorder]))
+
+    assert calls, "the broken hook was never called"
+    assert source.status("t-0") == "failed"
+    assert all(source.status(f"t-{i}") == "completed" for i in (1, 2, 3))
+    assert all(len(source.completes(f"t-{i}")) == 1 for i in (1, 2, 3))
+    assert recorder.names("t-1")[-1] == events.TASK_COMPLETED  # later hooks still see every event
+
+
+def test_a_completed_task_meets_its_events_in_order_with_its_keys() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", correlation_id="corr-9")
+    source.add("t-2")  # no correlation id: the host makes one, the same for its worker and its events
+    recorder = Recorder()
+
+    drive(make_config(worker("a", concurrency=1), concurrency=1), source, runner, hooks=Hooks([recorder]))
+
+    expected = [events.TASK_RECEIVED, events.ATTEMPT_STARTED, events.ATTEMPT_FINISHED, events.TASK_COMPLETED]
+    for task_id in ("t-1", "t-2"):
+        assert recorder.names(task_id) == expected
+        [envelope] = runner.envelopes(task_id)
+        for event in recorder.of(task_id):
+            assert (event.task_id, event.task_type, event.worker, event.attempt) == (task_id, "a", "a", 1)
+            assert event.correlation_id == envelope.correlation_id
+    assert {e.correlation_id for e in recorder.of("t-1")} == {"corr-9"}
+    finished = next(e for e in recorder.of("t-1") if e.name == events.ATTEMPT_FINISHED)
+    assert finished.data["outcome"] == "completed"
+    assert finished.data["exit_code"] == 0
+
+
+def test_wake_makes_an_idle_host_claim_at_once() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    woken: list[float] = []
+
+    async def submit(host: Host) -> None:
+        # By the 4th empty claim the idle pause has grown to 0.4-0.8 s (poll_max is 5 s).
+        await until(lambda: len(source.named("claim")) >= 4, what="the host to idle")
+        source.add("t-1")
+        woken.append(time.monotonic())
+        host.wake()
+        await until(lambda: source.settled("t-1"), what="t-1 to complete")
+        host.stop()
+
+    drive(make_config(poll_max="5s"), source, runner, burst=False, during=submit)
+
+    [run] = runner.runs
+    assert run.start - woken[0] < 0.2
+    assert source.status("t-1") == "completed"
+
+
+def test_a_wake_during_a_claim_is_not_lost() -> None:
+    source, runner = InMemorySource(claim_delay=0.05), FakeRunner()
+    woken: list[float] = []
+
+    async def submit_during_a_claim(host: Host) -> None:
+        await until(lambda: len(source.named("claim")) >= 4 and source.claiming, what="a claim under way")
+        source.add("t-1")  # the claim under way has already looked, and comes back empty
+        woken.append(time.monotonic())
+        host.wake()
+        await until(lambda: source.settled("t-1"), what="t-1 to complete")
+        host.stop()
+
+    drive(make_config(poll_max="5s"), source, runner, burst=False, during=submit_during_a_claim)
+
+    [run] = runner.runs
+    assert run.start - woken[0] < 0.2
+
+
+# -- owner_alive ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def process(*argv: str) -> Iterator[subprocess.Popen[bytes]]:
+    child = subprocess.Popen(argv)
+    try:
+        # Until it has exec'd, the child's cmdline is its parent's.
+        deadline = time.monotonic() + 5
+        while b"sleep" not in Path(f"/proc/{child.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the child did not start"
+            time.sleep(0.01)
+        yield child
+    finally:
+        child.kill()
+        child.wait()
+
+
+def token(pid: int, hostname: str | None = None) -> str:
+    return f"{hostname or socket.gethostname()}:{pid}:abcd1234"
+
+
+def test_owner_alive_for_a_live_host_process_on_this_machine() -> None:
+    with process(sys.executable, "-c", "import time; time.sleep(30)", "runner", "serve") as child:
+        assert owner_alive(token(child.pid))
+        assert not owner_alive(token(child.pid, hostname="another-" + socket.gethostname()))
+
+
+def test_owner_alive_is_false_for_a_process_that_is_not_a_host() -> None:
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    with process(sleep, "30") as child:
+        assert not owner_alive(token(child.pid))
+    # Another program's pid that happens to mention "runner" (a CI runner, say) is no host either.
+    with process(sys.executable, "-c", "import time; time.sleep(30)", "gitlab-runner", "run") as child:
+        assert not owner_alive(token(child.pid))
+
+
+def test_owner_alive_is_false_for_a_dead_process() -> None:
+    with process(sys.executable, "-c", "import time; time.sleep(30)", "runner", "serve") as child:
+        pid = child.pid
+    assert not owner_alive(token(pid))
+
+
+def test_owner_alive_is_false_for_our_own_pid() -> None:
+    # Asked from a process whose cmdline says "runner", so that only the own-pid rule can say no.
+    code = "import os; from runner.host import owner_alive, new_owner; print(owner_alive(new_owner()))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "runner", "serve"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert done.stdout.strip() == "False"
+    assert not owner_alive(token(os.getpid()))
+
+
+@pytest.mark.parametrize("owner", ["", "garbage", f"{socket.gethostname()}:notapid:x", f"{socket.gethostname()}"])
+def test_owner_alive_is_false_for_malformed_tokens(owner: str) -> None:
+    assert not owner_alive(owner)
