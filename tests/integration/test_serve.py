@@ -18,6 +18,7 @@ from runner.docker import LABEL_HOST, LABEL_TASK
 from runner.sources.embedded import EmbeddedQueue
 from tests.conftest import HOST_ID
 from tests.engine_proxy import EngineProxy
+from tests.prismq_server import PrismQServer
 from tests.serving import Serve, config_text, free_port
 
 pytestmark = pytest.mark.docker
@@ -268,3 +269,51 @@ def _wait_for_containers(client: Any, task_id: str) -> list[dict[str, Any]]:
 def _build(client: Any, dockerfile: str, tag: str) -> None:
     for _ in client.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True, decode=True):
         pass
+
+
+def test_serve_claims_and_completes_a_prismq_taskmanagers_tasks(
+    tmp_path: Path, behave_image: str, docker_client: Any
+) -> None:
+    with PrismQServer(max_attempts=2) as manager:
+        port = free_port()
+        config = tmp_path / "prismq.toml"
+        config.write_text(f"""
+[host]
+id = "{HOST_ID}"
+http = "127.0.0.1:{port}"
+poll_max = "200ms"
+
+[task_manager]
+type = "http"
+url = "{manager.url}"
+api_key = "{manager.api_key}"
+register_task_types = true
+
+[[workers]]
+name = "Test.Behave"
+image = "{behave_image}"
+task_types = ["Test.Behave"]
+max_retries = 5
+memory = "64m"
+""")
+        host = Serve(config, port, tmp_path / "prismq.log").start()
+        try:
+            assert manager.type_id("Test.Behave") is not None  # registered at start
+            ok = manager.create_task("Test.Behave", {"do": "ok", "n": 1})
+            broken = manager.create_task("Test.Behave", {"do": "exit", "code": 2})
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if manager.task(ok).status == "completed" and manager.task(broken).status == "failed":
+                    break
+                time.sleep(0.2)
+            done, failed = manager.task(ok), manager.task(broken)
+            assert done.status == "completed", host.log.read_text()[-3000:]
+            assert done.result["params"] == {"do": "ok", "n": 1}
+            assert done.result["attempt"] == 1
+            # The server owns retries: two attempts (its limit), not 2 x (max_retries + 1).
+            assert failed.status == "failed"
+            assert failed.attempts == 2
+            assert all(c["success"] is False for c in failed.completions)
+            assert "WorkerFailed" in (failed.error or "")
+        finally:
+            host.stop()
