@@ -21,7 +21,7 @@ from runner.attempts import Report, new_task, run_task
 from runner.client import ApiUnavailable, Client, exit_code
 from runner.config import Config, WorkerConfig, format_size
 from runner.docker import STDERR_TAIL, DockerRunner, connect
-from runner.errors import ConfigError, EngineError
+from runner.errors import ConfigError, EngineError, WorkerhostError
 from runner.protocol import ErrorInfo, Outcome, Status
 
 log = logging.getLogger("workerhost")
@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ApiUnavailable as exc:
         print(f"workerhost: {exc}", file=sys.stderr)
         return 4 if exc.status == 404 else 5
+    except WorkerhostError as exc:  # the host cannot start: a port in use, a queue it cannot open
+        print(f"workerhost: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -98,6 +98,14 @@ class HostConfig(_Section):
     max_body: Size = 16 * 1024**2  # the largest request the HTTP API accepts
     reap_interval: Duration = 30.0  # how often to look for containers left behind
 
+    @field_validator("http")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        _, colon, port = value.rpartition(":")
+        if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError('expected HOST:PORT, like "127.0.0.1:8080"')
+        return value
+
     @field_validator("id")
     @classmethod
     def _default_id(cls, value: str) -> str:
@@ -216,13 +224,16 @@ def loads(text: str, source: str = DEFAULT_PATH, environ: Mapping[str, str] | No
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{source}: invalid TOML: {exc}"]) from None
-    problems: list[str] = []
-    data = _substitute(raw, os.environ if environ is None else environ, (), raw, source, problems)
-    problems.extend(_duplicates(data, source))
+    unset: dict[tuple[str | int, ...], str] = {}
+    data = _substitute(raw, os.environ if environ is None else environ, (), raw, source, unset)
+    if isinstance(data.get("task_manager"), dict):
+        data["task_manager"].setdefault("type", "embedded")  # the default source needs no type
+    problems = [*unset.values(), *_duplicates(data, source)]
     try:
         config = Config.model_validate({**data, "source": source})
     except ValidationError as exc:
-        problems.extend(_describe(error, raw, source) for error in exc.errors())
+        # A value left empty by an unset variable is already reported once.
+        problems.extend(_describe(e, raw, source) for e in exc.errors() if _loc(e) not in unset)
     if problems:
         raise ConfigError(problems)
     return config
@@ -234,13 +245,16 @@ def _substitute(
     loc: tuple[str | int, ...],
     raw: dict[str, Any],
     source: str,
-    problems: list[str],
+    unset: dict[tuple[str | int, ...], str],
 ) -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``."""
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string; ``$$`` is a literal ``$``.
+
+    A variable that is not set is recorded in ``unset`` (location -> message).
+    """
     if isinstance(value, dict):
-        return {k: _substitute(v, environ, (*loc, k), raw, source, problems) for k, v in value.items()}
+        return {k: _substitute(v, environ, (*loc, k), raw, source, unset) for k, v in value.items()}
     if isinstance(value, list):
-        return [_substitute(v, environ, (*loc, i), raw, source, problems) for i, v in enumerate(value)]
+        return [_substitute(v, environ, (*loc, i), raw, source, unset) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -255,7 +269,7 @@ def _substitute(
             return default
         if current is not None:
             return current
-        problems.append(
+        unset[loc] = (
             f"{source}: {_where(loc, raw)}: environment variable {name} is not set "
             f"(in {value!r}; write ${{{name}:-default}} to give a default)"
         )
@@ -282,8 +296,15 @@ def _where(loc: tuple[str | int, ...], raw: dict[str, Any]) -> str:
     return "".join(parts) or "(top level)"
 
 
+def _loc(error: Any) -> tuple[str | int, ...]:
+    loc = tuple(error["loc"])
+    if loc[:1] == ("task_manager",) and loc[1:2] in (("embedded",), ("http",)):
+        loc = loc[:1] + loc[2:]  # the union's tag is not a place in the file
+    return loc
+
+
 def _describe(error: Any, raw: dict[str, Any], source: str) -> str:
-    loc = tuple(p for p in error["loc"] if p not in ("embedded", "http"))
+    loc = _loc(error)
     kind = error["type"]
     if kind == "extra_forbidden":
         return f"{source}: {_where(loc, raw)}: unknown key"

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Iterator
 
 import uvicorn
@@ -20,6 +21,7 @@ import uvicorn
 from runner.api import create_app
 from runner.config import Config
 from runner.docker import DockerRunner, connect
+from runner.errors import WorkerhostError
 from runner.host import Host, new_owner
 from runner.sources import SourceUnavailable, TaskSource
 from runner.sources.embedded import EmbeddedQueue
@@ -53,6 +55,7 @@ class _Server(uvicorn.Server):
 
 async def serve(config: Config, burst: bool = False) -> int:
     """Run the host and its API until a signal (or, with ``burst``, until the queue is empty)."""
+    listener = _listen(config.host.http)  # first, so that a taken port stops us before any claim
     owner = new_owner()
     source, queue = open_source(config, owner)
     await _start_source(config, source)
@@ -61,10 +64,8 @@ async def serve(config: Config, burst: bool = False) -> int:
     metrics = Metrics()
     host = Host(config, source, runner, Hooks([log_hook, metrics]), owner=owner)
     app = create_app(host, metrics, queue)
-    address, _, port = config.host.http.rpartition(":")
-    server = _Server(uvicorn.Config(app, host=address or "127.0.0.1", port=int(port), log_level="warning",
-                                    access_log=False, lifespan="off"))  # fmt: skip
-    api = asyncio.create_task(server.serve(), name="api")
+    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    api = asyncio.create_task(server.serve(sockets=[listener]), name="api")
     signals = _SignalHandler(host)
     signals.install()
     log.info("workerhost serve: host %s, %d workers, %s source, API on http://%s",
@@ -87,6 +88,21 @@ async def serve(config: Config, burst: bool = False) -> int:
     if api.done() and not api.cancelled() and api.exception() is not None:
         raise api.exception()  # type: ignore[misc]
     return 0
+
+
+def _listen(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, int(port)))
+        listener.listen(128)
+    except (OSError, ValueError) as exc:
+        raise WorkerhostError(f"cannot serve the API on {address} ([host] http): {exc}") from None
+    listener.setblocking(False)
+    return listener
 
 
 class _SignalHandler:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,21 @@ def test_run_exit_codes_follow_the_outcome(
     assert (body["status"], body["attempts"]) == (status, attempts)
     assert set(body["error"]) == {"type", "message"}
     assert "result" not in body
+
+
+def test_serve_on_a_port_in_use_says_so_and_claims_nothing(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = tmp_path / "busy.toml"
+        config.write_text(
+            f'[host]\nhttp = "127.0.0.1:{port}"\n[task_manager]\npath = "{tmp_path / "q.db"}"\n'
+            '[[workers]]\nname = "W"\nimage = "w:1"\ntask_types = ["W"]\n'
+        )
+        done = workerhost("serve", "-c", str(config))
+
+    assert done.returncode == 1
+    assert f"cannot serve the API on 127.0.0.1:{port} ([host] http)" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "q.db").exists()  # it stopped before opening the queue

@@ -513,3 +513,10 @@ def test_a_value_of_the_wrong_type_is_not_coerced(field: str, value: str) -> Non
     with pytest.raises(ConfigError) as caught:
         _load(text, {})
     assert any(f"workers[0] (w).{field}:" in line for line in caught.value.problems)
+
+
+@pytest.mark.parametrize("address", ["localhost", "127.0.0.1:", "127.0.0.1:http", "127.0.0.1:70000"])
+def test_the_api_address_must_be_host_and_port(address: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load(f'[host]\nhttp = "{address}"\n', {})
+    assert any("host.http:" in line and "HOST:PORT" in line for line in caught.value.problems)
