@@ -12,11 +12,12 @@ each and their ratio (target: workerhost within 1.15x of the bare loop).
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import sys
 import time
 from typing import Any
+
+from bare import bare_task, host_config
 
 from runner.attempts import new_task
 from runner.config import WorkerConfig
@@ -28,21 +29,9 @@ COMMAND = ["/bin/sh", "-c", 'cat >/dev/null; echo \'{"success": true, "result": 
 TARGET = 1.15
 
 
-def bare_once(client: Any, payload: bytes, host_config: dict[str, Any]) -> float:
+def bare_once(client: Any, worker: WorkerConfig, payload: bytes, config: dict[str, Any]) -> float:
     began = time.perf_counter()
-    container = client.create_container(
-        IMAGE, COMMAND, stdin_open=True, user="65534:65534", host_config=host_config, network_disabled=True
-    )["Id"]
-    attach = client.attach_socket(container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-    sock = attach._sock
-    client.start(container)
-    sock.sendall(payload)
-    sock.shutdown(socket.SHUT_WR)
-    while sock.recv(65536):
-        pass
-    client.wait(container)
-    sock.close()
-    client.remove_container(container, force=True)
+    bare_task(client, worker, payload, config)
     return time.perf_counter() - began
 
 
@@ -65,27 +54,16 @@ def main() -> int:
     worker = WorkerConfig(
         name="Bench.Trivial", image=IMAGE, command=COMMAND, task_types=["Bench.Trivial"], cpus=1.0, memory="64m"
     )
-    host_config = client.create_host_config(
-        nano_cpus=int(worker.cpus * 1e9),
-        mem_limit=worker.memory,
-        memswap_limit=worker.memory,
-        pids_limit=worker.pids_limit,
-        network_mode="none",
-        read_only=True,
-        tmpfs={"/tmp": f"rw,nosuid,nodev,size={worker.tmpfs},mode=1777"},
-        cap_drop=["ALL"],
-        security_opt=["no-new-privileges"],
-        log_config={"Type": "none", "Config": {}},
-    )
+    config = host_config(client, worker)
     payload = new_task("Bench.Trivial", {"n": 1}).to_json()
     bare: list[float] = []
     ours: list[float] = []
     with DockerRunner(client, "bench") as runner:
         for _ in range(3):  # warm up both paths
-            bare_once(client, payload, host_config)
+            bare_once(client, worker, payload, config)
             workerhost_once(runner, worker)
         for _ in range(args.tasks):
-            bare.append(bare_once(client, payload, host_config))
+            bare.append(bare_once(client, worker, payload, config))
             ours.append(workerhost_once(runner, worker))
 
     bare_median = statistics.median(bare)

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bare import bare_task, host_config
 
 from runner.attempts import new_task
+from runner.config import WorkerConfig
 from runner.docker import connect
 from runner.sources.embedded import EmbeddedQueue
 
@@ -50,20 +52,12 @@ def raw_engine_rate(concurrency: int, total: int) -> float:
     """Parallel bare create/attach/start/write/read/wait/remove loops: what the engine can do."""
     client = connect()
     payload = new_task("Bench.Trivial", {}).to_json()
-    host_config = client.create_host_config(network_mode="none", mem_limit="64m", memswap_limit="64m")
+    worker = WorkerConfig(name="Bench.Trivial", image=IMAGE, command=TRIVIAL, task_types=["Bench.Trivial"],
+                          memory="64m")  # fmt: skip
+    config = host_config(client, worker)
 
     def once(_: int) -> None:
-        cid = client.create_container(IMAGE, TRIVIAL, stdin_open=True, host_config=host_config,
-                                      network_disabled=True)["Id"]  # fmt: skip
-        sock = client.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})._sock
-        client.start(cid)
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-        while sock.recv(65536):
-            pass
-        client.wait(cid)
-        sock.close()
-        client.remove_container(cid, force=True)
+        bare_task(client, worker, payload, config)
 
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(once, range(concurrency)))  # warm up

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import tenacity
 
-from runner.attempts import new_task
+from runner.attempts import Runner, new_task
 from runner.config import Config, WorkerConfig
 from runner.docker import STDERR_TAIL, RunResult
 from runner.errors import EngineError
@@ -48,10 +48,8 @@ _RECENT = 20  # outcomes kept per worker for /workers/{name}/health
 _REPORT_TRIES = 8
 
 
-class ContainerRunner(Protocol):
+class ContainerRunner(Runner, Protocol):
     """What the host needs of the container runner (``DockerRunner``; a fake in unit tests)."""
-
-    def run(self, worker: WorkerConfig, task: Envelope) -> RunResult: ...
 
     def kill_task(self, task_id: str) -> int: ...
 

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import HOST_ID, ROOT
+from tests.serving import executable
 
 SHIPPED = ROOT / "workerhost.toml"
-
-
-def workerhost_executable() -> str:
-    beside = Path(sys.executable).parent / "workerhost"
-    found = str(beside) if beside.exists() else shutil.which("workerhost")
-    if not found:
-        pytest.fail("the workerhost console script is not installed (pip install -e .)")
-    return found
 
 
 def workerhost(
@@ -31,7 +22,7 @@ def workerhost(
 ) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, "WORKERHOST_HOST_ID": HOST_ID, **(env or {})}
     return subprocess.run(
-        [workerhost_executable(), *args],
+        [executable(), *args],
         input=stdin,
         capture_output=True,
         text=True,
