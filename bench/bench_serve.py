@@ -204,8 +204,7 @@ def main() -> int:
                 host.http.post("/tasks", json={"type": "Bench.Trivial", "params": {"n": i}, "priority": -1})
             print(f"submit: {count / (time.perf_counter() - began):,.0f} tasks/s through POST /tasks (one client)")
         finally:
-            host.proc.kill()
-            host.proc.wait()
+            host.stop()
 
     raw = raw_engine_rate(concurrency, total)
     ours = serve_rate(concurrency, total)
