@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -23,6 +24,8 @@ from runner import __version__
 from runner.host import Host
 from runner.sources import SourceUnavailable
 from runner.sources.embedded import STATUSES, EmbeddedQueue
+from runner.telemetry import events
+from runner.telemetry.events import Event
 from runner.telemetry.metrics import Metrics
 
 
@@ -100,6 +103,12 @@ def create_app(host: Host, metrics: Metrics, queue: EmbeddedQueue | None) -> Fas
         worker = config.worker_for(body.type)
         if worker is None:
             raise ApiError(422, f"unknown task type {body.type!r}", known=config.task_types())
+        task_id = str(uuid.uuid4())
+        correlation_id = body.correlation_id or uuid.uuid4().hex
+        carrier = {"traceparent": request.headers["traceparent"]} if "traceparent" in request.headers else {}
+        # The tracing hook opens the submit span (continuing the caller's trace) and puts it in the carrier.
+        host.hooks.emit(Event(events.TASK_SUBMITTED, task_id=task_id, task_type=body.type,
+                              correlation_id=correlation_id, data={"carrier": carrier}))  # fmt: skip
         task, created = await call(
             tasks().submit,
             body.type,
@@ -107,8 +116,9 @@ def create_app(host: Host, metrics: Metrics, queue: EmbeddedQueue | None) -> Fas
             max_attempts=worker.max_retries + 1,
             priority=body.priority,
             idempotency_key=body.idempotency_key,
-            correlation_id=body.correlation_id,
-            traceparent=request.headers.get("traceparent"),
+            correlation_id=correlation_id,
+            traceparent=carrier.get("traceparent"),
+            task_id=task_id,
         )
         if created:
             host.wake()
@@ -152,7 +162,7 @@ def create_app(host: Host, metrics: Metrics, queue: EmbeddedQueue | None) -> Fas
     @app.get("/health", summary="Liveness: the loop, the engine and the source")
     async def health() -> JSONResponse:
         engine_error = await asyncio.to_thread(host.runner.ping)
-        metrics.engine_up.set(0 if engine_error else 1)
+        host.engine_ok(engine_error)
         try:
             source: dict[str, Any] = await host.source.health()
         except SourceUnavailable as exc:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from runner.config import WorkerConfig
-from runner.docker import RunResult
+from runner.docker import Observer, RunResult
 from runner.protocol import Envelope, ErrorInfo, Outcome, Status, classify
 from runner.retries import RetryPolicy
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class Runner(Protocol):
     """Runs one attempt of a task; ``DockerRunner`` is the real one."""
 
-    def run(self, worker: WorkerConfig, task: Envelope) -> RunResult: ...
+    def run(self, worker: WorkerConfig, task: Envelope, observe: Observer | None = None) -> RunResult: ...
 
 
 @dataclass(frozen=True)

@@ -226,8 +226,10 @@ def _show_stderr(report: Report) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from runner.serve import serve
+    from runner.telemetry import logs
 
     config = config_module.load(args.config)
+    logs.configure(config.telemetry.log_format, logging.WARNING if args.quiet else logging.INFO)
     return asyncio.run(serve(config, burst=args.burst))
 
 

@@ -137,8 +137,11 @@ class HttpSource(_Section):
 class TelemetryConfig(_Section):
     """``[telemetry]``: where traces go (empty endpoint: nowhere, at no cost)."""
 
-    service_name: str = "workerhost"
-    otlp_endpoint: str = ""
+    service_name: str = "workerhost"  # OTEL_SERVICE_NAME wins
+    otlp_endpoint: str = ""  # empty: OTEL_EXPORTER_OTLP_ENDPOINT, and if that is empty too, no export
+    otlp_protocol: Literal["http/protobuf", "grpc"] | None = None  # default: OTEL_EXPORTER_OTLP_PROTOCOL or http
+    log_format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, else JSON lines
+    hooks: list[str] = Field(default_factory=list)  # "package.module:function", each called with every event
 
 
 class WorkerConfig(_Section):

@@ -28,6 +28,7 @@ import requests.exceptions
 from runner.config import WorkerConfig
 from runner.errors import EngineError, ImageMissing
 from runner.protocol import ContainerEnd, Envelope, ErrorInfo
+from runner.sidechannel import Progress, StderrLines, WorkerSpan
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ class RunResult:
     start_latency: float = 0.0
     duration: float = 0.0
     stderr_bytes: int = 0
+    stdin_bytes: int = 0
+    # (name, start, end) in nanoseconds since the epoch: create, start, exchange, teardown
+    phases: tuple[tuple[str, int, int], ...] = ()
+    side_channel_problems: str | None = None
 
 
 class Demuxer:
@@ -80,10 +85,27 @@ class Demuxer:
         return frames
 
 
-class _Streams:
-    """stdout kept whole up to its cap; stderr counted up to its cap, its tail kept."""
+@dataclass(frozen=True)
+class ContainerEvent:
+    """A container of a task was created or removed."""
 
-    def __init__(self, max_stdout: int, max_stderr: int, tail: int = STDERR_TAIL) -> None:
+    kind: str  # "created" or "removed"
+    container_id: str
+
+
+# What the runner tells its caller while a task runs (from the runner's thread):
+# a worker's log line, a span or progress from the SDK's side channel, a container event.
+Observed = str | WorkerSpan | Progress | ContainerEvent
+Observer = Callable[[Observed], None]
+
+
+class _Streams:
+    """stdout kept whole up to its cap; stderr counted up to its cap, split into log lines
+    (their tail kept, each passed on) and the SDK's side channel."""
+
+    def __init__(
+        self, max_stdout: int, max_stderr: int, tail: int = STDERR_TAIL, observe: Observer | None = None
+    ) -> None:
         self.stdout = bytearray()
         self.stderr_tail = bytearray()
         self.stderr_bytes = 0
@@ -91,6 +113,8 @@ class _Streams:
         self.max_stderr = max_stderr
         self.tail = tail
         self.cap_hit: str | None = None
+        self.lines = StderrLines()
+        self.observe = observe
 
     def add(self, stream: int, data: bytes) -> None:
         if self.cap_hit:
@@ -102,11 +126,26 @@ class _Streams:
             self.stdout += data
         elif stream == STDERR:
             self.stderr_bytes += len(data)
-            self.stderr_tail += data
-            if len(self.stderr_tail) > 2 * self.tail:
-                del self.stderr_tail[: -self.tail]
             if self.stderr_bytes > self.max_stderr:
                 self.cap_hit = "stderr"
+                return
+            for item in self.lines.feed(data):
+                self._take(item)
+
+    def finish(self) -> None:
+        """The stream ended: take a last line that had no newline."""
+        for item in self.lines.flush():
+            self._take(item)
+
+    def _take(self, item: str | WorkerSpan | Progress) -> None:
+        if isinstance(item, str):
+            self.stderr_tail += item.encode("utf-8", "replace") + b"\n"
+            if len(self.stderr_tail) > 2 * self.tail:
+                del self.stderr_tail[: -self.tail]
+            if not self.lines.relog():
+                return
+        if self.observe is not None:
+            self.observe(item)
 
     def cap_bytes(self) -> int:
         return self.max_stdout if self.cap_hit == "stdout" else self.max_stderr
@@ -149,23 +188,32 @@ class DockerRunner:
 
     # -- public -----------------------------------------------------------------
 
-    def run(self, worker: WorkerConfig, task: Envelope) -> RunResult:
+    def run(self, worker: WorkerConfig, task: Envelope, observe: Observer | None = None) -> RunResult:
         """Run ``task`` in a new container of ``worker`` and report how it ended.
 
-        Never raises for the task's or the engine's sake: an engine failure is
-        reported in the result's ``end.engine_error``.
+        ``observe``, when given, is called from this thread with each log line
+        of the worker, each span and progress report it sends, and container
+        events; it must be quick. Never raises for the task's or the engine's
+        sake: an engine failure is reported in the result's ``end.engine_error``.
         """
         began = time.monotonic()
+        phases = _Phases()
         try:
             container = self._create(worker, task)
         except EngineError as exc:
-            return RunResult(_engine_end(exc), duration=time.monotonic() - began)
+            return RunResult(_engine_end(exc), duration=time.monotonic() - began, phases=phases.done("create"))
+        phases.mark("create")
+        if observe is not None:
+            observe(ContainerEvent("created", container))
         try:
-            return self._supervise(container, worker, task, began)
+            return self._supervise(container, worker, task, began, phases, observe)
         except EngineError as exc:
-            return RunResult(_engine_end(exc), container_id=container, duration=time.monotonic() - began)
+            return RunResult(
+                _engine_end(exc), container_id=container, duration=time.monotonic() - began,
+                phases=phases.done("teardown"),
+            )  # fmt: skip
         finally:
-            self._remove_later(container)
+            self._remove_later(container, observe)
 
     def image_present(self, image: str) -> bool:
         """Whether the engine has ``image`` (raises EngineError when it does not answer)."""
@@ -275,7 +323,15 @@ class DockerRunner:
             raise _translate(exc, f"worker {worker.name}: cannot create a container of {worker.image}") from None
         return str(created["Id"])
 
-    def _supervise(self, container: str, worker: WorkerConfig, task: Envelope, began: float) -> RunResult:
+    def _supervise(
+        self,
+        container: str,
+        worker: WorkerConfig,
+        task: Envelope,
+        began: float,
+        phases: _Phases,
+        observe: Observer | None,
+    ) -> RunResult:
         # Attach before start: output written before an attach would be lost.
         try:
             attach = self.client.attach_socket(container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
@@ -288,12 +344,16 @@ class DockerRunner:
             _close(sock, attach)
             raise _translate(exc, f"worker {worker.name}: cannot start its container") from None
         started = time.monotonic()
+        phases.mark("start")
         # The deadline counts from start, so that engine latency is not the worker's time.
         deadline = started + worker.timeout
         task = replace(task, deadline=datetime.now(UTC) + timedelta(seconds=worker.timeout))
-        streams = _Streams(worker.max_stdout, worker.max_stderr)
+        streams = _Streams(worker.max_stdout, worker.max_stderr, observe=observe)
+        payload = task.to_json()
         try:
-            deadline_hit = _exchange(sock, task.to_json(), streams, deadline)
+            deadline_hit = _exchange(sock, payload, streams, deadline)
+            streams.finish()
+            phases.mark("exchange")
             if deadline_hit or streams.cap_hit:
                 # Close the socket first, so that dockerd stops copying output
                 # to us while the kill is delivered.
@@ -322,6 +382,9 @@ class DockerRunner:
             start_latency=started - began,
             duration=time.monotonic() - started,
             stderr_bytes=streams.stderr_bytes,
+            stdin_bytes=len(payload),
+            phases=phases.done("teardown"),
+            side_channel_problems=streams.lines.problems(),
         )
 
     def _wait(self, container: str, deadline: float) -> bool:
@@ -368,11 +431,11 @@ class DockerRunner:
             raise _translate(exc, "cannot inspect the container") from None
         return info.get("State", {}), info.get("Image")
 
-    def _remove_later(self, container: str) -> None:
+    def _remove_later(self, container: str, observe: Observer | None = None) -> None:
         """Remove the container off the critical path; ``close`` waits for it."""
-        self._reaper.submit(self._remove, container)
+        self._reaper.submit(self._remove, container, observe)
 
-    def _remove(self, container: str) -> None:
+    def _remove(self, container: str, observe: Observer | None = None) -> None:
         try:
             self.client.remove_container(container, force=True, v=True)
         except docker.errors.NotFound:
@@ -382,6 +445,25 @@ class DockerRunner:
             self._unremoved.add(container)
             return
         self._unremoved.discard(container)
+        if observe is not None:
+            observe(ContainerEvent("removed", container))
+
+
+class _Phases:
+    """Wall-clock marks of a run's phases, for the spans of an attempt."""
+
+    def __init__(self) -> None:
+        self._last = time.time_ns()
+        self._phases: list[tuple[str, int, int]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.time_ns()
+        self._phases.append((name, self._last, now))
+        self._last = now
+
+    def done(self, name: str) -> tuple[tuple[str, int, int], ...]:
+        self.mark(name)
+        return tuple(self._phases)
 
 
 def _exchange(sock: socket.socket, payload: bytes, streams: _Streams, deadline: float) -> bool:

@@ -34,10 +34,11 @@ import tenacity
 
 from runner.attempts import Runner, new_task
 from runner.config import Config, WorkerConfig
-from runner.docker import STDERR_TAIL, RunResult
+from runner.docker import STDERR_TAIL, Observed, Observer, RunResult
 from runner.errors import EngineError
 from runner.protocol import Envelope, ErrorInfo, Outcome, Status, classify
 from runner.retries import RetryPolicy
+from runner.sidechannel import Progress, WorkerSpan
 from runner.sources import ClaimedTask, Finished, LeaseLost, SourceUnavailable, TaskSource
 from runner.telemetry import events
 from runner.telemetry.events import Event, Hooks
@@ -119,6 +120,7 @@ class Host:
         self.workers = {w.name: WorkerState(w) for w in config.workers}
         self.in_flight: dict[str, InFlight] = {}
         self.source_error: str | None = None
+        self.engine_error: str | None = "not checked yet"  # so that the first answer is an event
         self.alive = False
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
@@ -181,6 +183,7 @@ class Host:
                 await self._pause(self.config.host.poll_max)
                 continue
             try:
+                claim_started = time.time_ns()
                 task = await self.source.claim(types)
             except SourceUnavailable as exc:
                 source_failures += 1
@@ -197,7 +200,7 @@ class Host:
                 await self._pause(_backoff(idle, cap=self.config.host.poll_max, base=0.05))
                 continue
             idle = 0
-            self._start(task)
+            self._start(task, claim_started)
 
     def _claimable_types(self) -> list[str]:
         if len(self.in_flight) >= self.config.host.concurrency:
@@ -220,7 +223,7 @@ class Host:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
-    def _start(self, task: ClaimedTask) -> None:
+    def _start(self, task: ClaimedTask, claim_started: int = 0) -> None:
         self._retries.pop(task.id, None)
         worker = next((w for w in self.workers.values() if task.type in w.config.task_types), None)
         if worker is None:  # the source handed us a type we did not ask for
@@ -228,31 +231,43 @@ class Host:
         else:
             worker.in_flight += 1
             self.in_flight[task.id] = InFlight(task, worker, time.monotonic())
-            coro = self._handle(self.in_flight[task.id])
+            coro = self._handle(self.in_flight[task.id], claim_started)
         handle = asyncio.create_task(coro, name=f"task-{task.id}")
         self._tasks.add(handle)
         handle.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, flight: InFlight) -> None:
+    async def _handle(self, flight: InFlight, claim_started: int = 0) -> None:
         task, worker = flight.task, flight.worker.config
         envelope = self._envelope(task)
-        base = Event(
-            "", task.id, task.type, worker.name, task.attempt, envelope.correlation_id, {}
-        )  # the keys every event of this task carries
-        emit = self._emitter(base)
-        emit(events.TASK_RECEIVED)
+        emit = self._emitter(Event("", task.id, task.type, worker.name, task.attempt, envelope.correlation_id))
+        emit(events.TASK_RECEIVED, _traceparent=task.traceparent, claim_started_ns=claim_started or None)
         try:
-            emit(events.ATTEMPT_STARTED, image=worker.image)
+            carrier: dict[str, str] = {}
+            limits = {"cpus": worker.cpus, "memory": worker.memory, "pids": worker.pids_limit,
+                      "timeout": worker.timeout, "network": worker.network, "runtime": worker.runtime}  # fmt: skip
+            emit(events.ATTEMPT_STARTED, _traceparent=task.traceparent, image=worker.image, limits=limits,
+                 carrier=carrier)  # fmt: skip
+            # The tracing hook put the attempt's span context in the carrier: the container continues it.
+            envelope = replace(envelope, traceparent=carrier.get("traceparent") or envelope.traceparent)
+            emit = self._emitter(
+                Event("", task.id, task.type, worker.name, task.attempt, envelope.correlation_id,
+                      traceparent=envelope.traceparent)
+            )  # fmt: skip
             renewer = asyncio.create_task(self._renew(task))
             try:
                 loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self._executor, self.runner.run, worker, envelope)
+                observe = self._observer(loop, task, emit)
+                result = await loop.run_in_executor(self._executor, self._run, worker, envelope, observe)
             finally:
                 renewer.cancel()
             outcome = classify(result.end)
+            error = f"{outcome.error.type}: {outcome.error.message}" if outcome.error else None
             emit(
-                events.ATTEMPT_FINISHED, outcome=_outcome_label(outcome), duration=result.duration,
-                start_latency=result.start_latency, container_id=result.container_id, exit_code=outcome.exit_code,
+                events.ATTEMPT_FINISHED, outcome=_outcome_label(outcome), exit_code=outcome.exit_code,
+                oom_killed=result.end.oom_killed, error=error, duration=result.duration,
+                start_latency=result.start_latency, container_id=result.container_id, image_id=result.image_id,
+                stdin_bytes=result.stdin_bytes, stdout_bytes=len(result.end.stdout),
+                stderr_bytes=result.stderr_bytes, phases=result.phases, side_channel=result.side_channel_problems,
             )  # fmt: skip
             if flight.aborted:
                 await asyncio.shield(self.source.release(task))
@@ -267,6 +282,44 @@ class Host:
             flight.worker.in_flight -= 1
             self.in_flight.pop(task.id, None)
             self._wake.set()
+
+    def _run(self, worker: WorkerConfig, envelope: Envelope, observe: Observer) -> RunResult:
+        return self.runner.run(worker, envelope, observe=observe)
+
+    def _observer(self, loop: asyncio.AbstractEventLoop, task: ClaimedTask, emit: Callable[..., None]) -> Observer:
+        """What the runner sees live (in its thread), turned into events on the loop."""
+
+        def on_loop(item: Observed) -> None:
+            if isinstance(item, str):
+                emit(events.WORKER_LOG, line=item)
+            elif isinstance(item, WorkerSpan):
+                emit(events.WORKER_SPAN, span=item)
+            elif isinstance(item, Progress):
+                emit(events.TASK_PROGRESS, percent=item.percent, message=item.message)
+                self._forward_progress(task, item)
+            else:
+                name = events.CONTAINER_CREATED if item.kind == "created" else events.CONTAINER_REMOVED
+                emit(name, container_id=item.container_id)
+
+        def observe(item: Observed) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone (a forced exit)
+                loop.call_soon_threadsafe(on_loop, item)
+
+        return observe
+
+    def _forward_progress(self, task: ClaimedTask, progress: Progress) -> None:
+        """Tell a source that keeps progress (PrismQ); never waited for, never fatal."""
+        forward = getattr(self.source, "progress", None)
+        if forward is None:
+            return
+
+        async def send() -> None:
+            with contextlib.suppress(Exception):
+                await forward(task, progress.percent, progress.message)
+
+        handle = asyncio.create_task(send())
+        self._tasks.add(handle)
+        handle.add_done_callback(self._tasks.discard)
 
     async def _report(self, flight: InFlight, result: RunResult, outcome: Outcome, emit: Callable[..., None]) -> None:
         task, worker = flight.task, flight.worker
@@ -345,10 +398,18 @@ class Host:
                     await self.source.recover(task_id, owner)
 
     async def _janitor(self) -> None:
-        """Reap again from time to time: containers whose removal failed while the engine was away."""
+        """From time to time: see whether the engine answers, and reap what removals missed."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.host.reap_interval)
+            self.engine_ok(await loop.run_in_executor(self._executor, self.runner.ping))
             await self._reap()
+
+    def engine_ok(self, error: str | None) -> None:
+        """Record whether the engine answers (a ping's result), with an event when that changes."""
+        if (error is None) != (self.engine_error is None):
+            self.hooks.emit(Event(events.ENGINE_UP if error is None else events.ENGINE_DOWN, data={"error": error}))
+        self.engine_error = error
 
     async def _drain(self) -> None:
         if not self._tasks:
@@ -371,10 +432,11 @@ class Host:
         return replace(fresh, id=task.id, attempt=task.attempt, traceparent=task.traceparent or fresh.traceparent)
 
     def _emitter(self, base: Event) -> Callable[..., None]:
-        def emit(name: str, **data: Any) -> None:
-            self.hooks.emit(
-                Event(name, base.task_id, base.task_type, base.worker, base.attempt, base.correlation_id, data)
-            )
+        """Emits events that carry ``base``'s task keys (``_traceparent=`` overrides its trace context)."""
+
+        def emit(name: str, _traceparent: str | None = None, **data: Any) -> None:
+            traceparent = _traceparent if _traceparent is not None else base.traceparent
+            self.hooks.emit(replace(base, name=name, data=data, traceparent=traceparent))
 
         return emit
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -25,8 +26,9 @@ from runner.errors import WorkerhostError
 from runner.host import Host, new_owner
 from runner.sources import SourceUnavailable, TaskSource
 from runner.sources.embedded import EmbeddedQueue
-from runner.telemetry.events import Hooks, log_hook
+from runner.telemetry.events import Hook, Hooks, log_hook
 from runner.telemetry.metrics import Metrics
+from runner.telemetry.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,12 @@ async def serve(config: Config, burst: bool = False) -> int:
     source, queue = open_source(config, owner)
     await _start_source(config, source)
     runner = DockerRunner(connect(check=False), config.host.id, owner)
-    _warn_about_images(config, runner)
     metrics = Metrics()
-    host = Host(config, source, runner, Hooks([log_hook, metrics]), owner=owner)
+    tracing = Tracing(config.telemetry)
+    # Tracing first: it puts the trace context into events that the log hook then shows.
+    hooks = Hooks([tracing, log_hook, metrics, *load_hooks(config.telemetry.hooks)])
+    host = Host(config, source, runner, hooks, owner=owner)
+    host.engine_ok(_warn_about_images(config, runner))
     app = create_app(host, metrics, queue)
     server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     api = asyncio.create_task(server.serve(sockets=[listener]), name="api")
@@ -85,6 +90,7 @@ async def serve(config: Config, burst: bool = False) -> int:
         signals.uninstall()
         await source.close()
         runner.close()
+        tracing.shutdown()
     if api.done() and not api.cancelled() and api.exception() is not None:
         raise api.exception()  # type: ignore[misc]
     return 0
@@ -152,11 +158,27 @@ async def _start_source(config: Config, source: TaskSource) -> None:
         log.warning("task source not ready: %s", exc)
 
 
-def _warn_about_images(config: Config, runner: DockerRunner) -> None:
+def load_hooks(paths: list[str]) -> list[Hook]:
+    """User hooks from ``[telemetry] hooks``: "package.module:function" (or "package.module.function")."""
+    hooks = []
+    for path in paths:
+        module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
+        try:
+            hook = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise WorkerhostError(f"[telemetry] hooks: cannot load {path!r}: {exc}") from None
+        if not callable(hook):
+            raise WorkerhostError(f"[telemetry] hooks: {path!r} is not callable")
+        hooks.append(hook)
+    return hooks
+
+
+def _warn_about_images(config: Config, runner: DockerRunner) -> str | None:
+    """Warn about missing images; returns why the engine does not answer, or None."""
     error = runner.ping()
     if error:
         log.warning("%s; tasks will fail (retriably) until it answers", error)
-        return
+        return error
     for worker in config.workers:
         try:
             if not runner.image_present(worker.image):
@@ -164,3 +186,4 @@ def _warn_about_images(config: Config, runner: DockerRunner) -> None:
                             worker.name, worker.image)  # fmt: skip
         except Exception as exc:
             log.warning("worker %s: cannot check image %s: %s", worker.name, worker.image, exc)
+    return None

@@ -26,20 +26,28 @@ one JSON result object on stdout and exits with the protocol's code:
 While the handler runs, anything written to stdout (``print``, a subprocess)
 goes to stderr instead, so that stray output can never corrupt the result.
 
+Tracing without a network: ``with sdk.span("fetch", {"url": u}):`` times a
+piece of work and sends it to the host on stderr's side channel (one JSON
+line with a ``"workerhost"`` key); the host turns it into an OpenTelemetry
+span, a child of the attempt's span, in the task's trace. Spans nest.
+``sdk.progress(40, "page 2 of 5")`` reports progress the same way.
+
 The module uses the standard library only and is a single file, so it can be
 copied into any image.
 """
 from __future__ import print_function
 
+import binascii
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 
 __all__ = [
     "Task", "RetriableError", "PermanentError", "TaskTimeout",
-    "run", "log", "EXIT_OK", "EXIT_RETRIABLE", "EXIT_PERMANENT", "EXIT_TIMEOUT",
+    "run", "log", "span", "progress", "EXIT_OK", "EXIT_RETRIABLE", "EXIT_PERMANENT", "EXIT_TIMEOUT",
 ]
 
 PROTOCOL_VERSION = 1
@@ -105,6 +113,87 @@ def log(message, **fields):
     if fields:
         message = "%s %s" % (message, " ".join("%s=%s" % kv for kv in sorted(fields.items())))
     sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+class span(object):
+    """Time a piece of work as a span of the task's trace: ``with sdk.span("name", attrs):``.
+
+    The span is sent to the host when it ends, with its own start and end
+    times; an exception inside marks it as an error (and is not swallowed).
+    ``attrs`` maps names to strings, numbers or booleans; ``set(key, value)``
+    adds one while the span is open. Without trace context (no TRACEPARENT),
+    nothing is sent.
+    """
+
+    def __init__(self, name, attrs=None):
+        self.name = name
+        self.attrs = dict(attrs or {})
+        self.span_id = None
+        self.parent_id = None
+        self.start = None
+
+    def set(self, key, value):
+        self.attrs[key] = value
+        return self
+
+    def __enter__(self):
+        stack = _stack()
+        self.parent_id = stack[-1].span_id if stack else _trace()[1]
+        self.span_id = binascii.hexlify(os.urandom(8)).decode("ascii")
+        self.start = time.time()
+        stack.append(self)
+        return self
+
+    def __exit__(self, kind, value, tb):
+        end = time.time()
+        stack = _stack()
+        if stack and stack[-1] is self:
+            stack.pop()
+        trace_id = _trace()[0]
+        if trace_id:
+            record = {
+                "workerhost": "span", "trace_id": trace_id, "span_id": self.span_id,
+                "parent_id": self.parent_id, "name": self.name, "start": self.start, "end": end,
+                "attrs": self.attrs, "status": "ok" if kind is None else "error",
+            }
+            if kind is not None:
+                record["error"] = "%s: %s" % (kind.__name__, _message(value))
+            _side_channel(record)
+        return False
+
+
+def progress(percent, message=None):
+    """Report how far the task has come (0 to 100), with an optional message."""
+    record = {"workerhost": "progress", "percent": max(0, min(100, percent))}
+    if message is not None:
+        record["message"] = message
+    _side_channel(record)
+
+
+_local = threading.local()
+
+
+def _stack():
+    if not hasattr(_local, "spans"):
+        _local.spans = []
+    return _local.spans
+
+
+def _trace():
+    """(trace id, parent span id) from TRACEPARENT, or (None, None)."""
+    parts = (os.environ.get("TRACEPARENT") or "").split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and len(parts[2]) == 16:
+        return parts[1], parts[2]
+    return None, None
+
+
+def _side_channel(record):
+    try:
+        line = json.dumps(record, ensure_ascii=True, separators=(",", ":"), default=str)
+    except (TypeError, ValueError):
+        return
+    sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 

@@ -247,10 +247,11 @@ class EmbeddedQueue:
         idempotency_key: str | None = None,
         correlation_id: str | None = None,
         traceparent: str | None = None,
+        task_id: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Add a task; returns it and whether it is new (an idempotency key may return an old one)."""
         now = time.time()
-        task_id = str(uuid.uuid4())
+        task_id = task_id or str(uuid.uuid4())
         with self._write() as db:
             cursor = db.execute(
                 """INSERT INTO tasks (id, type, params, status, priority, max_attempts, idempotency_key,

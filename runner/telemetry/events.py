@@ -15,9 +15,15 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # The events, in the order a task meets them.
+TASK_SUBMITTED = "task_submitted"  # through the API; data["carrier"] holds (and gets) its trace context
 TASK_RECEIVED = "task_received"  # claimed from the source
 ATTEMPT_STARTED = "attempt_started"  # its container is about to be created
+CONTAINER_CREATED = "container_created"
+WORKER_LOG = "worker_log"  # one line of the worker's stderr
+WORKER_SPAN = "worker_span"  # a span the worker sent over the SDK's side channel
+TASK_PROGRESS = "task_progress"  # progress the worker reported
 ATTEMPT_FINISHED = "attempt_finished"  # the container ended and was classified
+CONTAINER_REMOVED = "container_removed"
 TASK_COMPLETED = "task_completed"
 TASK_RETRYING = "task_retrying"  # failed, will be tried again after data["delay"]
 TASK_FAILED = "task_failed"  # failed for good (failed, timeout or dead)
@@ -26,6 +32,8 @@ TASK_RELEASED = "task_released"  # handed back unfinished (shutdown)
 LEASE_LOST = "lease_lost"  # the source gave the task to someone else meanwhile
 SOURCE_DOWN = "source_down"
 SOURCE_UP = "source_up"
+ENGINE_DOWN = "engine_down"
+ENGINE_UP = "engine_up"
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,7 @@ class Event:
     attempt: int | None = None
     correlation_id: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    traceparent: str | None = None  # the trace context the event belongs to (the attempt's, in one)
 
 
 Hook = Callable[[Event], None]
@@ -61,15 +70,30 @@ class Hooks:
                 log.exception("hook %r failed on %s; ignored", hook, event.name)
 
 
+_WARNINGS = {TASK_FAILED, TASK_RETURNED, TASK_RETRYING, LEASE_LOST, SOURCE_DOWN, ENGINE_DOWN}
+_QUIET = {WORKER_SPAN, CONTAINER_CREATED, CONTAINER_REMOVED, TASK_SUBMITTED}
+_events_log = logging.getLogger("workerhost.events")
+
+
 def log_hook(event: Event) -> None:
-    """Log each event with the task's keys."""
-    if event.task_id is None:
-        log.log(logging.WARNING if event.name == SOURCE_DOWN else logging.INFO, "%s %s", event.name, event.data)
+    """Log each event as one line with the task's stable keys (see ``runner.telemetry.logs``)."""
+    if event.name in _QUIET:
         return
-    level = logging.WARNING if event.name in (TASK_FAILED, TASK_RETURNED, LEASE_LOST, TASK_RETRYING) else logging.INFO
-    detail = " ".join(f"{k}={v}" for k, v in event.data.items() if k not in ("result",))
-    log.log(
-        level,
-        "%s task=%s type=%s worker=%s attempt=%s correlation_id=%s %s",
-        event.name, event.task_id, event.task_type, event.worker, event.attempt, event.correlation_id, detail,
-    )  # fmt: skip
+    trace_id = span_id = None
+    if event.traceparent:
+        parts = event.traceparent.split("-")
+        if len(parts) == 4:
+            trace_id, span_id = parts[1], parts[2]
+    fields: dict[str, Any] = {
+        "event": event.name,
+        "task_id": event.task_id,
+        "type": event.task_type,
+        "correlation_id": event.correlation_id,
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "worker": event.worker,
+        "attempt": event.attempt,
+    }
+    fields.update({k: v for k, v in event.data.items() if k not in ("carrier", "phases", "span")})
+    level = logging.WARNING if event.name in _WARNINGS or event.data.get("side_channel") else logging.INFO
+    _events_log.log(level, event.name, extra={"fields": fields})

@@ -34,6 +34,10 @@ class Metrics:
             buckets=_START_BUCKETS, registry=r,
         )  # fmt: skip
         self.in_flight = Gauge("workerhost_tasks_in_flight", "Tasks running now", ["worker"], registry=r)
+        self.oom_kills = Counter(
+            "workerhost_oom_kills", "Attempts killed by their memory limit", ["worker"], registry=r
+        )
+        self.timeouts = Counter("workerhost_timeouts", "Attempts that timed out", ["worker"], registry=r)
         self.lease_lost = Counter("workerhost_lease_lost", "Outcomes not reported: lease lost", registry=r)
         self.released = Counter("workerhost_tasks_released", "Tasks handed back unfinished", registry=r)
         self.source_up = Gauge("workerhost_source_up", "1 when the task source answers", registry=r)
@@ -47,6 +51,10 @@ class Metrics:
         elif event.name == events.ATTEMPT_FINISHED:
             self.in_flight.labels(worker).dec()
             self.attempts.labels(worker, event.data["outcome"]).inc()
+            if event.data.get("oom_killed"):
+                self.oom_kills.labels(worker).inc()
+            if event.data["outcome"] == "timeout":
+                self.timeouts.labels(worker).inc()
             self.duration.labels(worker).observe(event.data.get("duration", 0.0))
             if event.data.get("start_latency"):
                 self.start_latency.labels(worker).observe(event.data["start_latency"])
@@ -62,6 +70,8 @@ class Metrics:
             self.released.inc()
         elif event.name in (events.SOURCE_UP, events.SOURCE_DOWN):
             self.source_up.set(1 if event.name == events.SOURCE_UP else 0)
+        elif event.name in (events.ENGINE_UP, events.ENGINE_DOWN):
+            self.engine_up.set(1 if event.name == events.ENGINE_UP else 0)
 
     def render(self) -> bytes:
         """The text exposition format, for GET /metrics."""

@@ -51,8 +51,8 @@ class CountingRunner:
         self.inner = inner
         self.runs: list[RunResult] = []
 
-    def run(self, worker: WorkerConfig, task: Any) -> RunResult:
-        result = self.inner.run(worker, task)
+    def run(self, worker: WorkerConfig, task: Any, observe: Any = None) -> RunResult:
+        result = self.inner.run(worker, task, observe)
         self.runs.append(result)
         return result
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runner.api import create_app
 from runner.config import Config, WorkerConfig, loads
-from runner.docker import RunResult
+from runner.docker import Observer, RunResult
 from runner.host import Host
 from runner.protocol import Envelope, ErrorInfo, Outcome, Status
 from runner.sources import ClaimedTask, Finished
@@ -81,7 +81,7 @@ class FakeRunner:
             raise RuntimeError(self.image_error)
         return image in self.images
 
-    def run(self, worker: WorkerConfig, task: Envelope) -> RunResult:
+    def run(self, worker: WorkerConfig, task: Envelope, observe: Observer | None = None) -> RunResult:
         raise AssertionError("the API never runs a container")
 
     def kill_task(self, task_id: str) -> int:

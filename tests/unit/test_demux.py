@@ -133,10 +133,26 @@ def test_stderr_does_not_count_against_stdout() -> None:
 def test_stdout_is_not_in_stderr_and_vice_versa() -> None:
     streams = _Streams(max_stdout=100, max_stderr=100)
     streams.add(STDOUT, b"out")
-    streams.add(STDERR, b"err")
+    streams.add(STDERR, b"err\n")
     assert bytes(streams.stdout) == b"out"
-    assert bytes(streams.stderr_tail) == b"err"
-    assert streams.stderr_bytes == 3
+    assert bytes(streams.stderr_tail) == b"err\n"
+    assert streams.stderr_bytes == 4
+
+
+def test_a_last_stderr_line_without_newline_is_kept_at_the_end() -> None:
+    streams = _Streams(max_stdout=100, max_stderr=100)
+    streams.add(STDERR, b"first\nlast")
+    assert bytes(streams.stderr_tail) == b"first\n"
+    streams.finish()
+    assert bytes(streams.stderr_tail) == b"first\nlast\n"
+
+
+def test_side_channel_lines_are_not_logs_and_reach_the_observer() -> None:
+    seen: list[object] = []
+    streams = _Streams(max_stdout=100, max_stderr=10_000, observe=seen.append)
+    streams.add(STDERR, b'log one\n{"workerhost": "progress", "percent": 50}\nlog two\n')
+    assert bytes(streams.stderr_tail) == b"log one\nlog two\n"
+    assert [type(x).__name__ for x in seen] == ["str", "Progress", "str"]
 
 
 def test_stderr_keeps_only_its_tail() -> None:
@@ -157,7 +173,7 @@ def test_stderr_keeps_only_its_tail() -> None:
 
 def test_stderr_tail_with_the_default_size() -> None:
     streams = _Streams(max_stdout=100, max_stderr=10 * STDERR_TAIL)
-    data = bytes(i % 251 for i in range(3 * STDERR_TAIL + 123))
+    data = b"".join(f"log line number {i}\n".encode() for i in range(3 * STDERR_TAIL // 16))
     for i in range(0, len(data), 4096):
         streams.add(STDERR, data[i : i + 4096])
     assert len(streams.stderr_tail) <= 2 * STDERR_TAIL + 4096
@@ -180,7 +196,6 @@ def test_stderr_past_its_cap_sets_cap_hit() -> None:
     assert streams.cap_hit == "stderr"
     assert streams.stderr_bytes == 51
     assert streams.cap_bytes() == 50
-    assert bytes(streams.stderr_tail).endswith(b"y" * 21)
 
 
 def test_demuxed_frames_into_streams() -> None:
@@ -189,7 +204,10 @@ def test_demuxed_frames_into_streams() -> None:
     for i in range(0, len(STREAM), 777):
         for stream, data in demux.feed(STREAM[i : i + 777]):
             streams.add(stream, data)
+    streams.finish()
     expected = _merge(FRAMES)
     assert bytes(streams.stdout) == expected[STDOUT]
-    assert bytes(streams.stderr_tail) == expected[STDERR]
+    # stderr is kept as log lines (text, each ending in a newline).
+    lines = expected[STDERR].decode("utf-8", "replace").replace("\r", "").splitlines()
+    assert bytes(streams.stderr_tail).decode().replace("\r", "").splitlines() == lines
     assert streams.cap_hit is None

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from runner.config import Config, WorkerConfig, loads
-from runner.docker import RunResult
+from runner.docker import Observer, RunResult
 from runner.host import Host, owner_alive
 from runner.protocol import ContainerEnd, Envelope, ErrorInfo
 from runner.sources import ClaimedTask, Finished, LeaseLost, SourceUnavailable
@@ -249,7 +249,7 @@ class FakeRunner:
         self._stops: dict[str, threading.Event] = {}
         self._released = False
 
-    def run(self, worker: WorkerConfig, envelope: Envelope) -> RunResult:
+    def run(self, worker: WorkerConfig, envelope: Envelope, observe: Observer | None = None) -> RunResult:
         stop = threading.Event()
         record = Run(envelope.id, worker.name, envelope, time.monotonic())
         with self._lock:

@@ -9,7 +9,7 @@ import pytest
 
 from runner.attempts import Report, new_task, run_task
 from runner.config import WorkerConfig
-from runner.docker import RunResult
+from runner.docker import Observer, RunResult
 from runner.protocol import ContainerEnd, Envelope, ErrorInfo, Outcome, Status
 from runner.retries import STOP, Decision, RetryPolicy
 
@@ -82,7 +82,7 @@ class FakeRunner:
         self.envelopes: list[Envelope] = []
         self.workers: list[WorkerConfig] = []
 
-    def run(self, worker: WorkerConfig, task: Envelope) -> RunResult:
+    def run(self, worker: WorkerConfig, task: Envelope, observe: Observer | None = None) -> RunResult:
         self.workers.append(worker)
         self.envelopes.append(task)
         end = self.ends[min(len(self.envelopes), len(self.ends)) - 1]

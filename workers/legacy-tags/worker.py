@@ -26,10 +26,11 @@ def handle(task):
         raise sdk.PermanentError("params.tags must be a list of strings")
     min_count = int(task.params.get('min_count', 1))
     counts = {}
-    for tag in tags:
-        key = normalise(tag)
-        if key:
-            counts[key] = counts.get(key, 0) + 1
+    with sdk.span('normalise', {'tags': len(tags)}):
+        for tag in tags:
+            key = normalise(tag)
+            if key:
+                counts[key] = counts.get(key, 0) + 1
     kept = []
     dropped = 0
     for key, count in sorted(counts.iteritems(), key=lambda kv: (-kv[1], kv[0])):

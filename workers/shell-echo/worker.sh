@@ -11,8 +11,9 @@ fi
 
 id=$(printf '%s' "$task" | jq -r '.id')
 echo "echo worker: task $id (attempt $WORKERHOST_ATTEMPT, correlation $WORKERHOST_CORRELATION_ID)" >&2
+start=$(date +%s.%N)
 
-printf '%s' "$task" | jq -c --arg host "$(hostname)" '{
+result=$(printf '%s' "$task" | jq -c --arg host "$(hostname)" '{
     success: true,
     result: {
         echo: .params,
@@ -22,4 +23,15 @@ printf '%s' "$task" | jq -c --arg host "$(hostname)" '{
         shell: "POSIX sh + jq",
         container: $host
     }
-}'
+}')
+
+# A span of our own, by hand, on the SDK's side channel (stderr): the host puts
+# it into the task's trace, as a child of the attempt (TRACEPARENT's span).
+trace_id=$(echo "${TRACEPARENT:-}" | cut -d- -f2)
+parent_id=$(echo "${TRACEPARENT:-}" | cut -d- -f3)
+if [ -n "$trace_id" ] && [ -n "$parent_id" ]; then
+    span_id=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
+    printf '{"workerhost": "span", "trace_id": "%s", "span_id": "%s", "parent_id": "%s", "name": "echo", "start": %s, "end": %s, "attrs": {"shell": "sh"}}\n' \
+        "$trace_id" "$span_id" "$parent_id" "$start" "$(date +%s.%N)" >&2
+fi
+printf '%s\n' "$result"

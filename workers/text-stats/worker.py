@@ -31,11 +31,14 @@ def handle(task):
     if top < 0 or wpm <= 0:
         raise sdk.PermanentError("params.keywords must be >= 0 and params.wpm > 0")
 
-    words = [w.lower() for w in WORD.findall(text)]
-    # Title words count double: they say what the record is about.
-    counted = collections.Counter(w for w in words + [w.lower() for w in WORD.findall(title)] * 2
-                                  if w not in STOPWORDS and len(w) > 2)
-    sentences = len(SENTENCE_END.findall(text.strip() + " ")) or 1
+    with sdk.span("tokenize", {"characters": len(text)}) as span:
+        words = [w.lower() for w in WORD.findall(text)]
+        sentences = len(SENTENCE_END.findall(text.strip() + " ")) or 1
+        span.set("words", len(words))
+    with sdk.span("keywords", {"top": top}):
+        # Title words count double: they say what the record is about.
+        counted = collections.Counter(w for w in words + [w.lower() for w in WORD.findall(title)] * 2
+                                      if w not in STOPWORDS and len(w) > 2)
     sdk.log("text-stats", task=task.id, words=len(words))
     return {
         "words": len(words),
