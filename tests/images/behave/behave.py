@@ -132,6 +132,25 @@ def main():
         ok({"blob": "z" * int(params["size"])})
     elif do == "probe":
         ok(probe())
+    elif do == "spans":
+        import workerhost_sdk as sdk
+
+        with sdk.span("outer", {"n": 1}), sdk.span("inner"):
+            time.sleep(0.05)
+        sdk.progress(50, "half way")
+        ok({"spans": 2})
+    elif do == "abuse_side_channel":
+        import workerhost_sdk as sdk
+
+        err = sys.stderr
+        err.write('{"workerhost": "span", "this is": not json\n')
+        err.write('{"workerhost": "span", "trace_id": "zz"}\n')
+        err.write('{"workerhost": "span", "name": "' + "x" * (2 * 1024 * 1024) + '"}\n')
+        for i in range(int(params.get("spans", 5000))):
+            with sdk.span(f"flood {i}"):
+                pass
+        err.write("a plain log line after all that\n")
+        ok({"abused": True})
     else:
         reply({"success": False, "error": {"type": "UnknownBehaviour", "message": do}}, 2)
 
