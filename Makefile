@@ -59,6 +59,7 @@ lint: install
 bench: install build-images
 	$(PY) bench/bench_runner.py
 	$(PY) bench/bench_serve.py
+	$(PY) bench/bench_tracing.py
 
 # Remove containers that workerhost left behind (a killed host, an interrupted test run).
 clean-containers: engine
