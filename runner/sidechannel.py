@@ -28,6 +28,7 @@ MAX_LOG_LINES = 1000
 MAX_ATTRS = 64
 _HEX = re.compile(r"^[0-9a-f]+$")
 _MARK = b'"workerhost"'
+_CLAIM = re.compile(rb'^\{\s*"workerhost"')
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,9 @@ class StderrLines:
             self._partial += chunk
 
     def _line(self, line: bytes, cut: bool) -> str | WorkerSpan | Progress | None:
-        stripped = line.strip()
-        if stripped.startswith(b"{") and _MARK in stripped[:256]:
-            event = None if cut else _parse(stripped)
+        kind, obj = _classify(line, cut)
+        if kind == "side":
+            event = _event(obj) if obj is not None else None
             if event is None:
                 self.malformed += 1
                 return None
@@ -137,17 +138,32 @@ class StderrLines:
 
 def is_side_channel(line: bytes) -> bool:
     """Whether a stderr line belongs to the side channel (and so is not a log line)."""
+    return _classify(line, cut=False)[0] == "side"
+
+
+def _classify(line: bytes, cut: bool) -> tuple[str, dict[str, Any] | None]:
+    """("side", the object or None when broken) or ("log", None).
+
+    A side-channel line is a JSON object with a "workerhost" key, wherever the
+    key stands; a line that begins with that key but does not parse (or was
+    cut) is a broken side-channel line. Any other line, JSON or not, is a log.
+    """
     stripped = line.strip()
-    return stripped.startswith(b"{") and _MARK in stripped[:256]
+    if not stripped.startswith(b"{") or _MARK not in stripped:
+        return "log", None
+    obj = None
+    if not cut:
+        try:
+            parsed = json.loads(stripped)
+        except (ValueError, UnicodeDecodeError):
+            parsed = None
+        obj = parsed if isinstance(parsed, dict) else None
+    if obj is not None:
+        return ("side", obj) if "workerhost" in obj else ("log", None)
+    return ("side", None) if _CLAIM.match(stripped) else ("log", None)
 
 
-def _parse(line: bytes) -> WorkerSpan | Progress | None:
-    try:
-        obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(obj, dict):
-        return None
+def _event(obj: dict[str, Any]) -> WorkerSpan | Progress | None:
     kind = obj.get("workerhost")
     if kind == "span":
         return _span(obj)

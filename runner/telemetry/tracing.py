@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from typing import Any
 
 from opentelemetry import trace
@@ -37,6 +38,7 @@ from runner.telemetry.events import Event
 log = logging.getLogger(__name__)
 _PROPAGATOR = TraceContextTextMapPropagator()
 _SCOPE = "workerhost"
+_MAX_TASKS = 10_000  # task contexts kept for retries
 
 
 def exporter_for(config: TelemetryConfig) -> SpanExporter | None:
@@ -64,7 +66,8 @@ class Tracing:
         self._provider: TracerProvider | None = None
         self._processor: SpanProcessor | None = None
         self._attempts: dict[str, trace.Span] = {}
-        self._parents: dict[str, Context] = {}
+        # task id -> the context its attempts hang from; kept across retries (bounded)
+        self._parents: OrderedDict[str, Context] = OrderedDict()
         if exporter is None:
             return
         name = os.environ.get("OTEL_SERVICE_NAME") or config.service_name
@@ -103,10 +106,12 @@ class Tracing:
         assert event.task_id is not None
         parent = _PROPAGATOR.extract({"traceparent": event.traceparent} if event.traceparent else {})
         if not trace.get_current_span(parent).get_span_context().is_valid:
-            # No trace context came with the task: it starts here.
-            root = self._tracer.start_span(f"task {event.task_type}", attributes=_task_attributes(event))
-            root.end()
-            parent = trace.set_span_in_context(root)
+            if event.task_id in self._parents:  # a retry of a task that came without trace context
+                parent = self._parents[event.task_id]
+            else:  # no trace context came with the task: it starts here
+                root = self._tracer.start_span(f"task {event.task_type}", attributes=_task_attributes(event))
+                root.end()
+                parent = trace.set_span_in_context(root)
         claimed = event.data.get("claim_started_ns")
         span = self._tracer.start_span(
             f"receive {event.task_type}", context=parent, kind=SpanKind.CONSUMER,
@@ -114,6 +119,9 @@ class Tracing:
         )  # fmt: skip
         span.end()
         self._parents[event.task_id] = parent
+        self._parents.move_to_end(event.task_id)
+        while len(self._parents) > _MAX_TASKS:
+            self._parents.popitem(last=False)
 
     def _attempt_started(self, event: Event) -> None:
         assert event.task_id is not None
@@ -180,6 +188,10 @@ class Tracing:
         if span is not None:
             span.add_event("progress", {k: v for k, v in event.data.items() if v is not None})
 
+    def _attempt_over(self, event: Event) -> None:
+        """The attempt ended but the task may be tried again: keep its context for the next attempt."""
+        self._attempts.pop(event.task_id or "", None)
+
     def _done(self, event: Event) -> None:
         self._parents.pop(event.task_id or "", None)
         self._attempts.pop(event.task_id or "", None)
@@ -194,10 +206,10 @@ _HANDLERS = {
     events.TASK_PROGRESS: Tracing._progress,
     events.TASK_COMPLETED: Tracing._done,
     events.TASK_FAILED: Tracing._done,
-    events.TASK_RETRYING: Tracing._done,
-    events.TASK_RETURNED: Tracing._done,
-    events.TASK_RELEASED: Tracing._done,
-    events.LEASE_LOST: Tracing._done,
+    events.TASK_RETRYING: Tracing._attempt_over,
+    events.TASK_RETURNED: Tracing._attempt_over,
+    events.TASK_RELEASED: Tracing._attempt_over,
+    events.LEASE_LOST: Tracing._attempt_over,
 }
 
 _ATTEMPT_ATTRIBUTES = {
