@@ -41,6 +41,9 @@ class TaskIn(BaseModel):
     )
     priority: int = Field(default=0, ge=-1000, le=1000, description="higher runs first")
     correlation_id: str | None = Field(default=None, min_length=1, max_length=128)
+    traceparent: str | None = Field(
+        default=None, max_length=128, description="W3C trace context to continue (the traceparent header wins)"
+    )
 
     @field_validator("params")
     @classmethod
@@ -105,7 +108,8 @@ def create_app(host: Host, metrics: Metrics, queue: EmbeddedQueue | None) -> Fas
             raise ApiError(422, f"unknown task type {body.type!r}", known=config.task_types())
         task_id = str(uuid.uuid4())
         correlation_id = body.correlation_id or uuid.uuid4().hex
-        carrier = {"traceparent": request.headers["traceparent"]} if "traceparent" in request.headers else {}
+        incoming = request.headers.get("traceparent") or body.traceparent
+        carrier = {"traceparent": incoming} if incoming else {}
         # The tracing hook opens the submit span (continuing the caller's trace) and puts it in the carrier.
         host.hooks.emit(Event(events.TASK_SUBMITTED, task_id=task_id, task_type=body.type,
                               correlation_id=correlation_id, data={"carrier": carrier}))  # fmt: skip

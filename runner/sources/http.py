@@ -254,7 +254,9 @@ class HttpTaskSource:
             with contextlib.suppress(LeaseLost):  # claim() raises nothing but SourceUnavailable
                 await self._settle(task, {"worker_id": self.worker_id, "success": False, "error": error})
             return None
-        return replace(task, params=params)
+        # A producer may carry its trace context in the task (no field of the API holds it otherwise).
+        traceparent = data.get("traceparent") or params.get("traceparent")
+        return replace(task, params=params, traceparent=traceparent if isinstance(traceparent, str) else None)
 
     async def _settle(self, task: ClaimedTask, body: dict[str, Any]) -> None:
         await self._on_task(task, "complete", body)

@@ -561,3 +561,10 @@ def test_without_the_embedded_queue_tasks_are_501(tmp_path: Path) -> None:
         assert client.get("/health").json()["status"] == "ok"
         metrics = client.get("/metrics")
         assert metrics.status_code == 200
+
+
+def test_a_traceparent_in_the_body_is_kept_when_no_header_carries_one(env: Env) -> None:
+    response = env.client.post("/tasks", json={"type": ECHO, "traceparent": TRACEPARENT})
+    assert response.status_code == 201
+    claimed = env.queue.claim_now([ECHO])
+    assert claimed is not None and claimed.traceparent == TRACEPARENT
