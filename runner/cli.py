@@ -111,6 +111,14 @@ def _parser() -> argparse.ArgumentParser:
     workers.add_argument("--json", action="store_true", help="print a JSON array instead of a table")
     workers.set_defaults(handler=_cmd_workers)
 
+    doctor = sub.add_parser(
+        "doctor", parents=[common],
+        help="report what this machine's engine offers and whether the config can run on it",
+        description="Engine version, runtimes registered, cgroup version, whether strict (gVisor) "
+        "workers can run (it starts one), and each worker's image. Exit 0 when the config can run, 1 when not.",
+    )  # fmt: skip
+    doctor.set_defaults(handler=_cmd_doctor)
+
     serve = sub.add_parser(
         "serve",
         parents=[common],
@@ -219,6 +227,19 @@ def _show_stderr(report: Report) -> None:
     if tail:
         lines = tail.splitlines()[-_STDERR_LINES:]
         log.warning("last %d lines of the worker's stderr:\n%s", len(lines), "\n".join(lines))
+
+
+# -- doctor ---------------------------------------------------------------------
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from runner.doctor import check
+
+    config = config_module.load(args.config)
+    with DockerRunner(connect(check=False, timeout=30), config.host.id) as runner:
+        report = check(config, runner)
+    print(report.text())
+    return 1 if report.problems else 0
 
 
 # -- serve and its clients ------------------------------------------------------

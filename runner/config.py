@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from runner.errors import ConfigError
@@ -144,8 +145,20 @@ class TelemetryConfig(_Section):
     hooks: list[str] = Field(default_factory=list)  # "package.module:function", each called with every event
 
 
+GVISOR = "runsc"
+STRICT_TMPFS = 16 * 1024**2
+STRICT_MAX_TIMEOUT = 300.0  # strict workers' hard cap on wall time
+STRICT_MIN_PIDS = 64  # gVisor's own threads count against the pids limit
+STRICT_NOFILE = 256
+
+
 class WorkerConfig(_Section):
-    """``[[workers]]``: one worker image and the limits its containers run with."""
+    """``[[workers]]``: one worker image and the limits its containers run with.
+
+    ``sandbox = "strict"`` is the standard isolation plus gVisor (``runsc``), no
+    network whatever else says, ``nofile``/``fsize`` ulimits, a 16 MiB /tmp by
+    default, and a hard cap of 300 s on the task's wall time.
+    """
 
     name: str = Field(min_length=1)
     image: str = Field(min_length=1)
@@ -166,6 +179,36 @@ class WorkerConfig(_Section):
     max_stdout: Size = 10 * 1024**2
     max_stderr: Size = 10 * 1024**2
     env: dict[str, str] = Field(default_factory=dict)
+    sandbox: Literal["standard", "strict"] = "standard"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("sandbox") == "strict":
+            data = {"runtime": GVISOR, "tmpfs": STRICT_TMPFS, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _strict_rules(self) -> WorkerConfig:
+        if self.sandbox != "strict":
+            return self
+        if self.network != "none":
+            raise ValueError(
+                f'network = "{self.network}" with sandbox = "strict": a strict worker has no network '
+                "(untrusted code must not reach anything); use the standard sandbox for a worker that needs one"
+            )
+        if self.timeout > STRICT_MAX_TIMEOUT:
+            raise ValueError(f'timeout = {self.timeout:g}s with sandbox = "strict": the cap is {STRICT_MAX_TIMEOUT:g}s')
+        if self.pids_limit < STRICT_MIN_PIDS:
+            raise ValueError(
+                f'pids_limit = {self.pids_limit} with sandbox = "strict": gVisor\'s own threads count '
+                f"against it, so it must be at least {STRICT_MIN_PIDS}"
+            )
+        return self
+
+    @property
+    def strict(self) -> bool:
+        return self.sandbox == "strict"
 
     @field_validator("command")
     @classmethod
@@ -315,7 +358,10 @@ def _describe(error: Any, raw: dict[str, Any], source: str) -> str:
         return f"{source}: {_where(loc, raw)}: required but missing"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "union_tag_invalid":
-        message = "unknown type; expected one of: embedded, http"
+        tag = (error.get("ctx") or {}).get("tag")
+        message = f"unknown type {tag!r}; expected one of: embedded, http"
+    if isinstance(error.get("input"), dict):  # a rule about several fields: the message names them
+        return f"{source}: {_where(loc, raw)}: {message}"
     return f"{source}: {_where(loc, raw)}: {message} (got {error.get('input')!r})"
 
 

@@ -23,9 +23,10 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 import requests.exceptions
 
-from runner.config import WorkerConfig
+from runner.config import STRICT_NOFILE, WorkerConfig
 from runner.errors import EngineError, ImageMissing
 from runner.protocol import ContainerEnd, Envelope, ErrorInfo
 from runner.sidechannel import Progress, StderrLines, WorkerSpan
@@ -233,6 +234,24 @@ class DockerRunner:
             return f"{_unreachable()} ({_reason(exc)})"
         return None
 
+    def engine_info(self) -> dict[str, Any]:
+        """What the engine says of itself: version, runtimes, cgroup version, kernel (EngineError if silent)."""
+        try:
+            info = self.client.info()
+            version = self.client.version()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise EngineError(f"{_unreachable()} ({_reason(exc)})") from None
+        return {
+            "version": version.get("Version", "?"),
+            "api_version": version.get("ApiVersion", "?"),
+            "kernel": info.get("KernelVersion", "?"),
+            "os": info.get("OperatingSystem", "?"),
+            "cgroup_version": str(info.get("CgroupVersion", "1")),
+            "cgroup_driver": info.get("CgroupDriver", "?"),
+            "runtimes": sorted((info.get("Runtimes") or {}).keys()),
+            "default_runtime": info.get("DefaultRuntime", "runc"),
+        }
+
     def kill_task(self, task_id: str) -> int:
         """Kill this host's containers of a task (shutdown past its grace); returns how many."""
         killed = 0
@@ -297,6 +316,7 @@ class DockerRunner:
             # The host reads the streams through attach; a log driver would
             # only copy every byte to disk again.
             log_config={"Type": "none", "Config": {}},
+            ulimits=_strict_ulimits(worker) if worker.strict else None,
         )
         labels = {
             LABEL_TASK: task.id,
@@ -447,6 +467,14 @@ class DockerRunner:
         self._unremoved.discard(container)
         if observe is not None:
             observe(ContainerEvent("removed", container))
+
+
+def _strict_ulimits(worker: WorkerConfig) -> list[docker.types.Ulimit]:
+    """Open files, and the largest file a strict worker may write (no bigger than its /tmp)."""
+    return [
+        docker.types.Ulimit(name="nofile", soft=STRICT_NOFILE, hard=STRICT_NOFILE),
+        docker.types.Ulimit(name="fsize", soft=worker.tmpfs, hard=worker.tmpfs),
+    ]
 
 
 class _Phases:

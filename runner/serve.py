@@ -22,6 +22,7 @@ import uvicorn
 from runner.api import create_app
 from runner.config import Config
 from runner.docker import DockerRunner, connect
+from runner.doctor import require_runtimes
 from runner.errors import WorkerhostError
 from runner.host import Host, new_owner
 from runner.sources import SourceUnavailable, TaskSource
@@ -62,6 +63,7 @@ async def serve(config: Config, burst: bool = False) -> int:
     source, queue = open_source(config, owner)
     await _start_source(config, source)
     runner = DockerRunner(connect(check=False), config.host.id, owner)
+    require_runtimes(config, runner)  # a strict worker the engine cannot run: say so now, not task by task
     metrics = Metrics()
     tracing = Tracing(config.telemetry)
     # Tracing first: it puts the trace context into events that the log hook then shows.

@@ -520,3 +520,36 @@ def test_the_api_address_must_be_host_and_port(address: str) -> None:
     with pytest.raises(ConfigError) as caught:
         _load(f'[host]\nhttp = "{address}"\n', {})
     assert any("host.http:" in line and "HOST:PORT" in line for line in caught.value.problems)
+
+
+STRICT = '[[workers]]\nname = "untrusted"\nimage = "i"\ntask_types = ["t"]\nsandbox = "strict"\n'
+
+
+def test_a_strict_worker_gets_gvisor_a_small_tmp_and_no_network() -> None:
+    worker = _load(STRICT, {}).workers[0]
+    assert (worker.sandbox, worker.runtime, worker.tmpfs, worker.network) == ("strict", "runsc", 16 * 1024**2, "none")
+    assert worker.strict
+    assert not _load(STRICT.replace('"strict"', '"standard"'), {}).workers[0].strict
+
+
+def test_a_strict_worker_keeps_what_it_names() -> None:
+    worker = _load(STRICT + 'tmpfs = "32m"\nruntime = "runsc-kvm"\n', {}).workers[0]
+    assert (worker.tmpfs, worker.runtime) == (32 * 1024**2, "runsc-kvm")
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ('network = "bridge"', 'network = "bridge" with sandbox = "strict": a strict worker has no network'),
+        ("timeout = 600", 'timeout = 600s with sandbox = "strict": the cap is 300s'),
+        ("pids_limit = 32", "gVisor's own threads count against it, so it must be at least 64"),
+        ('sandbox = "paranoid"', "sandbox"),
+    ],
+)
+def test_strict_mistakes_say_why(extra: str, says: str) -> None:
+    text = STRICT + extra + "\n" if "sandbox" not in extra else STRICT.replace('sandbox = "strict"\n', extra + "\n")
+    with pytest.raises(ConfigError) as caught:
+        _load(text, {})
+    (line,) = caught.value.problems
+    assert line.startswith("test.toml: workers[0] (untrusted)")
+    assert says in line
