@@ -229,3 +229,43 @@ def test_serve_on_a_port_in_use_says_so_and_claims_nothing(tmp_path: Path) -> No
     assert f"cannot serve the API on 127.0.0.1:{port} ([host] http)" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "q.db").exists()  # it stopped before opening the queue
+
+
+@pytest.mark.docker
+def test_doctor_reports_the_engine_and_whether_strict_workers_can_run(docker_client: Any) -> None:
+    done = workerhost("doctor")
+    runtimes = sorted((docker_client.info().get("Runtimes") or {}).keys())
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Docker " in done.stdout and "cgroups" in done.stdout
+    assert all(runtime in done.stdout for runtime in runtimes)
+    strict_line = next(line for line in done.stdout.splitlines() if line.startswith("strict workers"))
+    if "runsc" in runtimes:
+        assert "yes: a container under gVisor ran in" in strict_line
+    else:
+        assert "make sandbox" in strict_line
+
+
+@pytest.mark.docker
+def test_serve_refuses_a_strict_worker_the_engine_cannot_run(tmp_path: Path, docker_client: Any) -> None:
+    config = tmp_path / "strict.toml"
+    config.write_text(
+        f'[host]\nhttp = "127.0.0.1:{_free_port()}"\n[task_manager]\npath = "{tmp_path / "q.db"}"\n'
+        '[[workers]]\nname = "Untrusted"\nimage = "workerhost/python:3.11"\ntask_types = ["U"]\n'
+        'sandbox = "strict"\nruntime = "runsc-not-registered"\n'
+    )
+    done = workerhost("serve", "-c", str(config))
+
+    assert done.returncode == 1
+    assert "worker Untrusted: its sandbox is strict, which needs the runtime 'runsc-not-registered'" in done.stderr
+    assert "Traceback" not in done.stderr
+    doctor = workerhost("doctor", "-c", str(config))
+    assert doctor.returncode == 1
+    assert "runsc-not-registered" in doctor.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
