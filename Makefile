@@ -4,7 +4,7 @@
 #   make demo          set up everything, build the images, run each example worker once
 #   make test          set up everything, build the images, run the whole test suite
 #   make build-images  base images (Python 3.11, 2.7) and every workers/*/Dockerfile
-#   make bench         runner overhead against a bare docker-py loop
+#   make bench         overheads and targets, each against a baseline measured in the same run
 #   make lint          ruff and mypy
 #   make sandbox       install gVisor and register it with the engine (for sandbox = "strict")
 #   make doctor        what the engine offers, and whether the config can run on it
@@ -73,6 +73,7 @@ bench: install build-images
 	$(PY) bench/bench_runner.py
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_tracing.py
+	-$(PY) bench/bench_sandbox.py
 
 # Remove containers that workerhost left behind (a killed host, an interrupted test run).
 clean-containers: engine
