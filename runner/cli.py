@@ -161,6 +161,24 @@ def _parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", parents=[api], help="send a failed or dead task back to the queue")
     retry.add_argument("id", metavar="ID")
     retry.set_defaults(handler=_cmd_retry)
+
+    migrate = sub.add_parser(
+        "import-config",
+        help="turn a PrismQ WorkerHost config (venv workers) into worker images and a workerhost.toml",
+        description="Read a PrismQ WorkerHost YAML config and, for each worker in it, write a Docker "
+        "build context into DIR/workers/NAME: the project (without virtualenvs), a Dockerfile on "
+        "workerhost/python:3.11 or :2.7 (2.7 when venv_python or the project says Python 2) that "
+        "installs its requirements, and an entry script that calls module.function(params) through "
+        "the worker SDK. Then write DIR/workerhost.toml with the task manager and every converted "
+        "worker, and print the docker build commands to run next. A worker with a mistake is "
+        "reported (file, worker, field) and the others still convert. Exit code: 0 all converted, "
+        "1 some workers failed, 2 the file cannot be read or has no workers list.",
+    )
+    migrate.add_argument("old", metavar="OLD.yaml", help="the PrismQ WorkerHost config to convert")
+    migrate.add_argument(
+        "-o", "--output", metavar="DIR", default="imported", help="where to write (default: ./imported)"
+    )
+    migrate.set_defaults(handler=_cmd_import_config, quiet=False)
     return parser
 
 
@@ -306,6 +324,15 @@ def _cmd_task(args: argparse.Namespace) -> int:
 def _cmd_retry(args: argparse.Namespace) -> int:
     print(json.dumps(_client(args).retry(args.id), ensure_ascii=False))
     return 0
+
+
+# -- import-config --------------------------------------------------------------
+
+
+def _cmd_import_config(args: argparse.Namespace) -> int:
+    from runner.migrate import import_config
+
+    return import_config(args.old, args.output)
 
 
 # -- validate -----------------------------------------------------------------
