@@ -148,7 +148,11 @@ class TelemetryConfig(_Section):
 GVISOR = "runsc"
 STRICT_TMPFS = 16 * 1024**2
 STRICT_MAX_TIMEOUT = 300.0  # strict workers' hard cap on wall time
-STRICT_MIN_PIDS = 64  # gVisor's own threads count against the pids limit
+# gVisor's own threads (and, on its ptrace platform, a stub process per worker
+# process) count against the pids limit: below this, a few forks or busy threads
+# leave it unable to make a thread, and it dies.
+STRICT_MIN_PIDS = 128
+STRICT_PIDS = 256
 STRICT_NOFILE = 256
 
 
@@ -156,8 +160,8 @@ class WorkerConfig(_Section):
     """``[[workers]]``: one worker image and the limits its containers run with.
 
     ``sandbox = "strict"`` is the standard isolation plus gVisor (``runsc``), no
-    network whatever else says, ``nofile``/``fsize`` ulimits, a 16 MiB /tmp by
-    default, and a hard cap of 300 s on the task's wall time.
+    network whatever else says, ``nofile``/``fsize`` ulimits, a 16 MiB /tmp and
+    256 pids by default, and a hard cap of 300 s on the task's wall time.
     """
 
     name: str = Field(min_length=1)
@@ -185,7 +189,7 @@ class WorkerConfig(_Section):
     @classmethod
     def _strict_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("sandbox") == "strict":
-            data = {"runtime": GVISOR, "tmpfs": STRICT_TMPFS, **data}
+            data = {"runtime": GVISOR, "tmpfs": STRICT_TMPFS, "pids_limit": STRICT_PIDS, **data}
         return data
 
     @model_validator(mode="after")

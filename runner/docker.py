@@ -394,6 +394,7 @@ class DockerRunner:
             timeout=worker.timeout,
             memory=worker.memory,
             stderr_tail=bytes(streams.stderr_tail[-STDERR_TAIL:]),
+            strict=worker.strict,
         )
         return RunResult(
             end,

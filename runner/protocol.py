@@ -100,6 +100,7 @@ class ContainerEnd:
     engine_error: ErrorInfo | None = None
     engine_retriable: bool = True
     stderr_tail: bytes = b""
+    strict: bool = False  # it ran under gVisor
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def classify(end: ContainerEnd) -> Outcome:
     if code in (ExitCode.RETRIABLE, ExitCode.PERMANENT):
         retriable = code == ExitCode.RETRIABLE
         error = _reported_error(end.stdout) or ErrorInfo(
-            "WorkerFailed", f"exited with code {code}{_last_line(end.stderr_tail)}"
+            "WorkerFailed", f"exited with code {code}{_last_line(end.stderr_tail)}{_sandbox_hint(end)}"
         )
         return Outcome(Status.FAILED, retriable=retriable, error=error, exit_code=code)
     if code == ExitCode.OK:
@@ -225,6 +226,13 @@ def _quote(data: bytes) -> str:
 def _last_line(stderr: bytes) -> str:
     lines = stderr.decode("utf-8", "replace").strip().splitlines()
     return f": {lines[-1][:_QUOTE]}" if lines else ""
+
+
+def _sandbox_hint(end: ContainerEnd) -> str:
+    # gVisor itself exits 2 when it cannot make a thread (pids_limit): say so when nothing else spoke.
+    if end.strict and end.exit_code == ExitCode.PERMANENT and not end.stdout.strip():
+        return '; under sandbox = "strict" this is also how gVisor dies when it hits pids_limit'
+    return ""
 
 
 def _describe_code(code: int | None) -> str:

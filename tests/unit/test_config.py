@@ -528,6 +528,7 @@ STRICT = '[[workers]]\nname = "untrusted"\nimage = "i"\ntask_types = ["t"]\nsand
 def test_a_strict_worker_gets_gvisor_a_small_tmp_and_no_network() -> None:
     worker = _load(STRICT, {}).workers[0]
     assert (worker.sandbox, worker.runtime, worker.tmpfs, worker.network) == ("strict", "runsc", 16 * 1024**2, "none")
+    assert worker.pids_limit == 256
     assert worker.strict
     assert not _load(STRICT.replace('"strict"', '"standard"'), {}).workers[0].strict
 
@@ -542,7 +543,7 @@ def test_a_strict_worker_keeps_what_it_names() -> None:
     [
         ('network = "bridge"', 'network = "bridge" with sandbox = "strict": a strict worker has no network'),
         ("timeout = 600", 'timeout = 600s with sandbox = "strict": the cap is 300s'),
-        ("pids_limit = 32", "gVisor's own threads count against it, so it must be at least 64"),
+        ("pids_limit = 64", "gVisor's own threads count against it, so it must be at least 128"),
         ('sandbox = "paranoid"', "sandbox"),
     ],
 )

@@ -441,3 +441,15 @@ def test_envelope_environment_carries_the_trace_context() -> None:
     assert env["WORKERHOST_CORRELATION_ID"] == "c0ffee"
     assert env["WORKERHOST_TASK_ID"] == "task-123"
     assert all(isinstance(v, str) for v in env.values())
+
+
+def test_exit_2_with_nothing_said_under_gvisor_names_the_pids_limit() -> None:
+    strict = classify(ContainerEnd(exit_code=2, stderr_tail=b"working\n", strict=True))
+    assert strict.error is not None
+    assert strict.error.message == (
+        'exited with code 2: working; under sandbox = "strict" this is also how gVisor dies when it hits pids_limit'
+    )
+    standard = classify(ContainerEnd(exit_code=2, stderr_tail=b"working\n"))
+    assert standard.error is not None and "gVisor" not in standard.error.message
+    spoken = classify(ContainerEnd(exit_code=2, stdout=b'{"success": false, "error": {"type": "Bad"}}', strict=True))
+    assert spoken.error is not None and spoken.error.type == "Bad"
