@@ -12,25 +12,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
-from runner.attempts import new_task
+from bench_runner import COMMAND, IMAGE, workerhost_once
+
 from runner.config import WorkerConfig
 from runner.docker import DockerRunner, connect
-from runner.protocol import Status, classify
-
-IMAGE = "workerhost/python:3.11"
-COMMAND = ["/bin/sh", "-c", 'cat >/dev/null; echo \'{"success": true, "result": {}}\'']
-
-
-def once(runner: DockerRunner, worker: WorkerConfig) -> float:
-    began = time.perf_counter()
-    result = runner.run(worker, new_task("Bench.Trivial", {}))
-    elapsed = time.perf_counter() - began
-    outcome = classify(result.end)
-    if outcome.status is not Status.COMPLETED:
-        sys.exit(f"{worker.sandbox}: the trivial task did not complete: {outcome}")
-    return elapsed
 
 
 def main() -> int:
@@ -47,10 +33,10 @@ def main() -> int:
     times: dict[str, list[float]] = {name: [] for name in profiles}
     with DockerRunner(client, "bench-sandbox") as runner:
         for worker in profiles.values():
-            once(runner, worker)  # warm up
+            workerhost_once(runner, worker)  # warm up
         for _ in range(args.tasks):
             for name, worker in profiles.items():
-                times[name].append(once(runner, worker))
+                times[name].append(workerhost_once(runner, worker))
     standard, strict = (statistics.median(times[n]) for n in ("standard", "strict"))
     print(f"sandbox: {args.tasks} trivial tasks under each profile, alternating")
     print(f"  standard (runc)    median {standard * 1000:7.1f} ms/task")

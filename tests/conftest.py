@@ -59,17 +59,20 @@ def example_images(docker_client: Any) -> None:
             unavailable(f"cannot build the example workers ({', '.join(missing)})")
 
 
+def build_test_image(tag: str, folder: str) -> str:
+    """Build a test-only image from ``tests/images/<folder>`` (every session, so that edits count)."""
+    build = subprocess.run(
+        ["docker", "build", "-q", "-t", tag, str(TEST_IMAGES / folder)], capture_output=True, text=True
+    )
+    if build.returncode != 0:
+        pytest.fail(f"building {tag} failed:\n{build.stderr}")
+    return tag
+
+
 @pytest.fixture(scope="session")
 def behave_image(docker_client: Any) -> str:
     """The test-only misbehaving worker, built from the Python 3 base."""
-    build = subprocess.run(
-        ["docker", "build", "-q", "-t", BEHAVE_IMAGE, str(TEST_IMAGES / "behave")],
-        capture_output=True,
-        text=True,
-    )
-    if build.returncode != 0:
-        pytest.fail(f"building {BEHAVE_IMAGE} failed:\n{build.stderr}")
-    return BEHAVE_IMAGE
+    return build_test_image(BEHAVE_IMAGE, "behave")
 
 
 @pytest.fixture(scope="session", autouse=True)

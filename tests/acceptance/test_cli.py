@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import HOST_ID, ROOT
-from tests.serving import executable
+from tests.serving import executable, free_port
 
 SHIPPED = ROOT / "workerhost.toml"
 
@@ -250,7 +250,7 @@ def test_doctor_reports_the_engine_and_whether_strict_workers_can_run(docker_cli
 def test_serve_refuses_a_strict_worker_the_engine_cannot_run(tmp_path: Path, docker_client: Any) -> None:
     config = tmp_path / "strict.toml"
     config.write_text(
-        f'[host]\nhttp = "127.0.0.1:{_free_port()}"\n[task_manager]\npath = "{tmp_path / "q.db"}"\n'
+        f'[host]\nhttp = "127.0.0.1:{free_port()}"\n[task_manager]\npath = "{tmp_path / "q.db"}"\n'
         '[[workers]]\nname = "Untrusted"\nimage = "workerhost/python:3.11"\ntask_types = ["U"]\n'
         'sandbox = "strict"\nruntime = "runsc-not-registered"\n'
     )
@@ -262,10 +262,3 @@ def test_serve_refuses_a_strict_worker_the_engine_cannot_run(tmp_path: Path, doc
     doctor = workerhost("doctor", "-c", str(config))
     assert doctor.returncode == 1
     assert "runsc-not-registered" in doctor.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port

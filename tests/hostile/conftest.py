@@ -7,13 +7,12 @@ hostile ones attack. Every limit is small, so that each attack ends in seconds.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import HOST_ID, TEST_IMAGES, unavailable
+from tests.conftest import HOST_ID, build_test_image, unavailable
 from tests.serving import Serve, free_port
 
 HOSTILE_IMAGE = "workerhost-test/hostile:latest"
@@ -38,15 +37,8 @@ def worker_table(name: str, image: str, extra: str = "") -> str:
 
 @pytest.fixture(scope="session")
 def hostile_image(docker_client: Any) -> str:
-    """The test-only hostile worker, built (again, so that edits count) from the Python 3 base."""
-    build = subprocess.run(
-        ["docker", "build", "-q", "-t", HOSTILE_IMAGE, str(TEST_IMAGES / "hostile")],
-        capture_output=True,
-        text=True,
-    )
-    if build.returncode != 0:
-        pytest.fail(f"building {HOSTILE_IMAGE} failed:\n{build.stderr}")
-    return HOSTILE_IMAGE
+    """The test-only hostile worker, built from the Python 3 base."""
+    return build_test_image(HOSTILE_IMAGE, "hostile")
 
 
 @pytest.fixture(scope="session")
