@@ -81,9 +81,7 @@ async def serve(config: Config, burst: bool = False) -> int:
         loop_task = asyncio.create_task(host.run(burst=burst), name="host")
         done, _ = await asyncio.wait({loop_task, api}, return_when=asyncio.FIRST_COMPLETED)
         if api in done and not loop_task.done():
-            # The API could not start (port in use, say): stop the loop too.
-            host.stop()
-            await loop_task
+            host.stop()  # the API died: a host nobody can reach stops too (the error is raised below)
         await loop_task
     finally:
         server.should_exit = True
