@@ -6,9 +6,8 @@ workers meanwhile: a well-behaved task submitted while the attack runs
 completes, and /health answers; (3) nothing is left behind: the engine has no
 container of the task, and no host process belongs to it.
 
-These tests send no traffic anywhere but the container's own loopback: the one
-connect to an outside address is made only where loopback is the sole
-interface, so it fails for want of a route before any packet exists.
+These tests send no traffic anywhere but the container's own loopback: the way
+out is judged from the container's interfaces and routes, not by trying it.
 """
 
 from __future__ import annotations
@@ -298,9 +297,8 @@ def test_the_network(host: Serve, docker_client: Any, worker: str) -> None:
     assert net["if_nameindex"] == net["sys_class_net"] == ["lo"]
     # The host's serve port on 127.0.0.1: the container's loopback is its own.
     assert net["loopback"]["error"] == "ECONNREFUSED", net
-    # No route out: runc's empty namespace says ENETUNREACH, gVisor's netstack EHOSTUNREACH; at once.
-    assert net["outside"]["error"] == ("ENETUNREACH" if worker == STANDARD else "EHOSTUNREACH"), net
-    assert net["outside"]["seconds"] < 0.5, net
+    # No way out: no route at all (a default route would read destination 00000000).
+    assert net["routes"] == [], net
 
 
 @pytest.mark.parametrize("worker", BOTH, indirect=True)

@@ -211,18 +211,19 @@ def write_root(params):
 
 
 def network(params):
-    """Interfaces, a connect to the host's port on loopback, and one to an outside address.
+    """Interfaces, the routing table, and a connect to the host's port on loopback.
 
-    The outside connect is tried only when loopback is the sole interface: then
-    there is no route, and it fails with ENETUNREACH before any packet is made.
+    Nothing is sent anywhere but the container's own loopback: the way out is
+    judged from the routes (there must be none), not by trying it.
     """
     interfaces = sorted(ifname for _, ifname in socket.if_nameindex())
     result = {"if_nameindex": interfaces, "sys_class_net": sorted(os.listdir("/sys/class/net"))}
     result["loopback"] = connect("127.0.0.1", int(params["port"]))
-    if interfaces == ["lo"] and result["sys_class_net"] == ["lo"]:
-        result["outside"] = connect("10.255.255.1", 9)
-    else:
-        result["outside"] = {"error": "not tried: there is an interface besides lo", "seconds": 0}
+    try:
+        with open("/proc/net/route") as f:
+            result["routes"] = [line.split()[:2] for line in f.read().splitlines()[1:] if line.strip()]
+    except OSError as exc:
+        result["routes"] = errno.errorcode.get(exc.errno, str(exc))
     reply(result)
 
 
