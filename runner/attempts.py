@@ -99,7 +99,7 @@ def run_task(
 
 def _log_attempt(task: Envelope, worker: WorkerConfig, outcome: Outcome, result: RunResult) -> None:
     level = logging.INFO if outcome.ok else logging.WARNING
-    error = f" {outcome.error.type}: {outcome.error.message}" if outcome.error else ""
+    error = f" {outcome.error}" if outcome.error else ""
     log.log(
         level,
         "task %s (%s) attempt %d on %s: %s in %.3fs%s",

@@ -97,7 +97,6 @@ class WorkerState:
 class InFlight:
     task: ClaimedTask
     worker: WorkerState
-    started: float
     aborted: bool = False
 
 
@@ -230,7 +229,7 @@ class Host:
             coro: Coroutine[Any, Any, None] = self._refuse(task)
         else:
             worker.in_flight += 1
-            self.in_flight[task.id] = InFlight(task, worker, time.monotonic())
+            self.in_flight[task.id] = InFlight(task, worker)
             coro = self._handle(self.in_flight[task.id], claim_started)
         handle = asyncio.create_task(coro, name=f"task-{task.id}")
         self._tasks.add(handle)
@@ -261,7 +260,7 @@ class Host:
             finally:
                 renewer.cancel()
             outcome = classify(result.end)
-            error = f"{outcome.error.type}: {outcome.error.message}" if outcome.error else None
+            error = str(outcome.error) if outcome.error else None
             emit(
                 events.ATTEMPT_FINISHED, outcome=_outcome_label(outcome), exit_code=outcome.exit_code,
                 oom_killed=result.end.oom_killed, error=error, duration=result.duration,
@@ -334,19 +333,19 @@ class Host:
             await self._settle(lambda: self.source.complete(task, finished))
             emit(events.TASK_COMPLETED)
             return
-        error = outcome.error or ErrorInfo("Unknown", "")
+        error = str(outcome.error or ErrorInfo("Unknown", "no error was reported"))
         if self.source.retries_by_source:
             await self._settle(lambda: self.source.fail(task, finished, None))
-            emit(events.TASK_RETURNED, outcome=_outcome_label(outcome), error=f"{error.type}: {error.message}")
+            emit(events.TASK_RETURNED, outcome=_outcome_label(outcome), error=error)
             return
         decision = RetryPolicy.for_worker(worker.config).decide(outcome, task.attempt)
         retry_in = decision.delay if decision.retry else None
         await self._settle(lambda: self.source.fail(task, finished, retry_in))
         if decision.retry:
             self._retries[task.id] = time.monotonic() + decision.delay
-            emit(events.TASK_RETRYING, delay=round(decision.delay, 3), error=f"{error.type}: {error.message}")
+            emit(events.TASK_RETRYING, delay=round(decision.delay, 3), error=error)
         else:
-            emit(events.TASK_FAILED, outcome=_outcome_label(outcome), error=f"{error.type}: {error.message}")
+            emit(events.TASK_FAILED, outcome=_outcome_label(outcome), error=error)
 
     async def _settle(self, report: Callable[[], Awaitable[None]]) -> None:
         """Report to the source, shielded from cancellation, retried while the source is down."""

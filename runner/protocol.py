@@ -84,6 +84,10 @@ class ErrorInfo:
     def to_dict(self) -> dict[str, str]:
         return {"type": self.type, "message": self.message}
 
+    def __str__(self) -> str:
+        """``Type: message``, as logs, events and the PrismQ API show it."""
+        return f"{self.type}: {self.message}"
+
 
 @dataclass(frozen=True)
 class ContainerEnd:

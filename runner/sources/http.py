@@ -153,7 +153,7 @@ class HttpTaskSource:
         """
         outcome = finished.outcome
         if outcome.error is not None:
-            error = f"{outcome.error.type}: {outcome.error.message}"
+            error = str(outcome.error)
         else:
             error = f"WorkerFailed: the attempt ended as {outcome.status.value}"
         await self._settle(task, {"worker_id": self.worker_id, "success": False, "error": error})
