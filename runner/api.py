@@ -224,11 +224,8 @@ def create_app(host: Host, metrics: Metrics, queue: EmbeddedQueue | None) -> Fas
 
 
 def _image_present(host: Host, image: str) -> tuple[bool | None, str | None]:
-    check = getattr(host.runner, "image_present", None)
-    if check is None:
-        return None, None
     try:
-        return bool(check(image)), None
+        return host.runner.image_present(image), None
     except Exception as exc:  # an engine error, as the runner words it
         return None, str(exc)
 

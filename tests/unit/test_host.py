@@ -284,6 +284,9 @@ class FakeRunner:
         self.pings += 1
         return None
 
+    def image_present(self, image: str) -> bool:
+        return True
+
     def close(self) -> None:
         self.closed = True
         self.release_all()
