@@ -7,6 +7,8 @@ that cannot be reached, a missing image.
 
 from __future__ import annotations
 
+from runner.protocol import EngineFault, engine_retriable
+
 
 class WorkerhostError(Exception):
     """Root of every error that workerhost raises on purpose."""
@@ -21,24 +23,26 @@ class ConfigError(WorkerhostError):
 
 
 class EngineError(WorkerhostError):
-    """The Docker engine could not be reached or refused an operation.
+    """The Docker engine could not be reached, failed, or refused an operation.
 
-    ``retriable`` is true when trying again later may help (the engine was
-    restarted or busy) and false when it refused the request as given.
+    ``fault`` says which (``EngineFault``); the message says what was being
+    done and what the engine answered.
     """
 
-    def __init__(self, message: str, retriable: bool = True) -> None:
-        self.retriable = retriable
+    def __init__(self, message: str, fault: EngineFault = EngineFault.UNREACHABLE) -> None:
+        self.fault = fault
         super().__init__(message)
+
+    @property
+    def retriable(self) -> bool:
+        """Whether trying again later may help; decided by the kind, in ``protocol.engine_retriable``."""
+        return engine_retriable(self.fault)
 
 
 class ImageMissing(EngineError):
-    """A worker's image is not on the engine."""
+    """A worker's image is not on the engine (``classify`` adds how to build it)."""
 
     def __init__(self, image: str, worker: str) -> None:
         self.image = image
         self.worker = worker
-        super().__init__(
-            f"worker {worker}: image {image} is not on the Docker engine; build it with `make build-images`",
-            retriable=False,
-        )
+        super().__init__(f"worker {worker}: image {image} is not on the Docker engine", EngineFault.IMAGE_MISSING)

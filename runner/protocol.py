@@ -1,6 +1,6 @@
 """Worker protocol v1: the task envelope, and how a container's end becomes an Outcome.
 
-Pure: no I/O. ``classify`` is the outcome table of DESIGN.md as one function,
+Pure: no I/O. ``classify`` is the outcome table of README.md ("Worker protocol v1") as one function,
 so every row is unit-tested without Docker.
 """
 
@@ -23,6 +23,30 @@ class ExitCode(enum.IntEnum):
     RETRIABLE = 1
     PERMANENT = 2
     TIMEOUT = 3
+
+
+class EngineFault(enum.StrEnum):
+    """How the Docker engine failed a run, before the worker's own end could be seen.
+
+    The kind, not the caller, decides whether another attempt can help
+    (``engine_retriable``): an engine that does not answer or fails on its side
+    may be back in a moment; one that refuses the container as configured, or
+    lacks the image, will refuse the next attempt the same way.
+    """
+
+    UNREACHABLE = "unreachable"  # no connection, the connection dropped, or no answer in time
+    SERVER = "server"  # it answered 5xx: its own trouble
+    REFUSED = "refused"  # it answered 4xx: a command that does not exist, an option it rejects
+    IMAGE_MISSING = "image_missing"  # the worker's image is not on the engine
+
+
+_RETRIABLE_FAULTS = frozenset({EngineFault.UNREACHABLE, EngineFault.SERVER})
+_IMAGE_ADVICE = "build it with `make build-images`"
+
+
+def engine_retriable(fault: EngineFault) -> bool:
+    """Whether an attempt that the engine failed this way may succeed later (the table's engine rows)."""
+    return fault in _RETRIABLE_FAULTS
 
 
 class Status(enum.StrEnum):
@@ -101,10 +125,15 @@ class ContainerEnd:
     cap_bytes: int = 0
     timeout: float = 0.0
     memory: int = 0
-    engine_error: ErrorInfo | None = None
-    engine_retriable: bool = True
+    engine_error: ErrorInfo | None = None  # what the runner was doing, and what the engine said
+    engine_fault: EngineFault | None = None  # set whenever engine_error is: the kind decides the outcome
     stderr_tail: bytes = b""
     strict: bool = False  # it ran under gVisor
+
+    def __post_init__(self) -> None:
+        # Without its kind an engine error could only be passed through, which is what this field replaced.
+        if self.engine_error is not None and self.engine_fault is None:
+            raise ValueError("a ContainerEnd with an engine_error needs its engine_fault")
 
 
 @dataclass(frozen=True)
@@ -126,10 +155,10 @@ _QUOTE = 200
 
 
 def classify(end: ContainerEnd) -> Outcome:
-    """Turn one container's end into an outcome (the table in DESIGN.md)."""
+    """Turn one container's end into an outcome (the table in README.md, "Worker protocol v1")."""
     code = end.exit_code
-    if end.engine_error is not None:
-        return Outcome(Status.FAILED, retriable=end.engine_retriable, error=end.engine_error, exit_code=code)
+    if end.engine_fault is not None:
+        return _engine_outcome(end.engine_fault, end.engine_error, code)
     if end.deadline_hit:
         return Outcome(
             Status.TIMEOUT,
@@ -164,6 +193,15 @@ def classify(end: ContainerEnd) -> Outcome:
         return _from_stdout(end.stdout, code)
     message = f"exited with code {_describe_code(code)}{_last_line(end.stderr_tail)}"
     return _failed("WorkerCrashed", message, retriable=False, code=code)
+
+
+def _engine_outcome(fault: EngineFault, error: ErrorInfo | None, code: int | None) -> Outcome:
+    """The engine rows of the table: the fault's kind decides; the runner's words say what failed."""
+    if error is None:
+        error = ErrorInfo("EngineError", f"the Docker engine failed ({fault})")
+    if fault is EngineFault.IMAGE_MISSING:
+        error = ErrorInfo("ImageMissing", f"{error.message}; {_IMAGE_ADVICE}")
+    return Outcome(Status.FAILED, retriable=engine_retriable(fault), error=error, exit_code=code)
 
 
 def _from_stdout(stdout: bytes, code: int) -> Outcome:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -13,9 +16,21 @@ import pytest
 
 from runner.attempts import Report, new_task, run_task
 from runner.config import WorkerConfig
-from runner.docker import LABEL_ATTEMPT, LABEL_HOST, LABEL_TASK, LABEL_WORKER, DockerRunner, RunResult
-from runner.protocol import Status
+from runner.docker import (
+    API_VERSION,
+    LABEL_ATTEMPT,
+    LABEL_HOST,
+    LABEL_OWNER,
+    LABEL_TASK,
+    LABEL_WORKER,
+    DockerRunner,
+    Orphan,
+    RunResult,
+)
+from runner.errors import EngineError
+from runner.protocol import EngineFault, Envelope, Status, classify
 from tests.conftest import HOST_ID
+from tests.engine_proxy import EngineProxy
 
 pytestmark = pytest.mark.docker
 
@@ -306,3 +321,215 @@ def test_the_sdk_maps_a_permanent_error_on_python_2_7(runner: DockerRunner, exam
     assert report.outcome.error is not None
     assert report.outcome.error.type == "PermanentError"
     assert report.outcome.error.message == "params.tags must be a list of strings"
+
+
+# -- cancel ------------------------------------------------------------------------------------------
+
+
+def owner_token(name: str) -> str:
+    return f"pytest-{name}:{uuid.uuid4().hex[:8]}"
+
+
+class Background:
+    """One ``runner.run`` in a thread, for a test that acts on the task while it runs.
+
+    Leaving the ``with`` cancels the run if it still goes (a failed assertion must
+    not leave a container sleeping) and waits for it, before its runner closes.
+    """
+
+    def __init__(self, runner: DockerRunner, config: WorkerConfig, **params: Any) -> None:
+        self.runner = runner
+        self.task: Envelope = new_task("Test.Behave", params)
+        self.result: RunResult | None = None
+        self._thread = threading.Thread(target=self._run, args=(config,), daemon=True)
+
+    def __enter__(self) -> Background:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(EngineError):
+                self.runner.cancel(self.task.id)
+            self._thread.join(60)
+
+    def _run(self, config: WorkerConfig) -> None:
+        self.result = self.runner.run(config, self.task)
+
+    def finish(self, within: float = 60) -> RunResult:
+        self._thread.join(within)
+        assert self.result is not None, f"the run of {self.task.id} did not end within {within}s"
+        return self.result
+
+
+def containers_of(client: Any, task_id: str, everything: bool = True) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = client.containers(all=everything, filters={"label": f"{LABEL_TASK}={task_id}"})
+    return found
+
+
+def running_container(client: Any, task_id: str) -> dict[str, Any]:
+    """The task's container once it runs (the run in its thread is past start)."""
+    for _ in range(600):
+        found = containers_of(client, task_id, everything=False)
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no running container for task {task_id} within 30s")
+
+
+def test_cancel_kills_the_running_container_and_its_run_says_cancelled(docker_client: Any, behave_image: str) -> None:
+    config = worker(behave_image, timeout=120)
+    began = time.monotonic()
+    with (
+        DockerRunner(docker_client, HOST_ID, owner_token("cancel")) as runner,
+        Background(runner, config, do="sleep", seconds=90) as sleeper,
+    ):
+        running_container(docker_client, sleeper.task.id)
+
+        assert runner.cancel(sleeper.task.id) is True
+        result = sleeper.finish()
+
+    assert result.cancelled is True
+    assert result.end.exit_code == 137  # SIGKILL: how it died, not an answer of the worker
+    assert time.monotonic() - began < 60  # nowhere near the 90 s it would have slept
+    assert containers_of(docker_client, sleeper.task.id) == []  # close() waited for its removal
+
+
+def test_cancel_leaves_alone_a_container_of_the_same_task_owned_by_another_runner(
+    docker_client: Any, behave_image: str
+) -> None:
+    config = worker(behave_image, timeout=120)
+    with (
+        DockerRunner(docker_client, HOST_ID, owner_token("owner")) as owner,
+        DockerRunner(docker_client, HOST_ID, owner_token("sibling")) as sibling,
+        Background(owner, config, do="sleep", seconds=90) as sleeper,
+    ):
+        running_container(docker_client, sleeper.task.id)
+
+        assert sibling.cancel(sleeper.task.id) is False  # same host id, but not its container
+        assert len(containers_of(docker_client, sleeper.task.id, everything=False)) == 1
+        assert owner.cancel(sleeper.task.id) is True
+        assert sleeper.finish().cancelled is True
+
+
+def test_cancel_of_a_task_whose_container_has_exited_is_false(docker_client: Any, behave_image: str) -> None:
+    owner = owner_token("exited")
+    with DockerRunner(docker_client, HOST_ID, owner) as runner:
+        report = run_task(runner, worker(behave_image), new_task("Test.Behave", {"do": "ok"}))
+        assert report.last_run is not None and report.last_run.cancelled is False
+
+        assert runner.cancel(report.task.id) is False
+
+        # An exited container that is still there (its removal is off the critical path) is no different.
+        task_id = f"exited-{uuid.uuid4().hex[:8]}"
+        labels = {LABEL_TASK: task_id, LABEL_HOST: HOST_ID, LABEL_OWNER: owner}
+        container = docker_client.create_container(behave_image, command=["true"], labels=labels)["Id"]
+        try:
+            docker_client.start(container)
+            docker_client.wait(container, timeout=30)
+            assert runner.cancel(task_id) is False
+            assert docker_client.inspect_container(container)["State"]["ExitCode"] == 0
+        finally:
+            docker_client.remove_container(container, force=True)
+
+
+# -- reap ---------------------------------------------------------------------------------------------
+
+
+def test_a_removal_that_failed_is_retried_by_the_next_reap(
+    docker_client: Any, behave_image: str, tmp_path: Path
+) -> None:
+    proxy = EngineProxy(tmp_path / "engine.sock")
+    proxy.start()
+    client = docker.APIClient(base_url=proxy.docker_host, version=API_VERSION, timeout=30)
+    runner = DockerRunner(client, HOST_ID, owner_token("removal"))
+    sleeper = Background(runner, worker(behave_image, timeout=120), do="sleep", seconds=90)
+    try:
+        with sleeper:
+            running_container(docker_client, sleeper.task.id)
+            proxy.stop()  # the engine goes away mid-run: the run ends, and its removal fails
+            result = sleeper.finish()
+        runner.close()  # waits for that removal
+        assert result.end.engine_fault is EngineFault.UNREACHABLE
+        assert classify(result.end).retriable
+        assert len(containers_of(docker_client, sleeper.task.id)) == 1  # left behind
+
+        proxy.start()
+        reaped = runner.reap(lambda owner: False)  # nobody is dead: only our own leftover goes
+
+        assert containers_of(docker_client, sleeper.task.id) == []
+        assert reaped.removed == []  # its run reported it: not an orphan
+        assert sleeper.task.id not in reaped.kept
+    finally:
+        proxy.stop()
+        runner.close()
+        for container in containers_of(docker_client, sleeper.task.id):
+            docker_client.remove_container(container["Id"], force=True)
+
+
+def test_reap_keeps_a_live_owners_container_and_removes_a_dead_owners(docker_client: Any, behave_image: str) -> None:
+    config = worker(behave_image, timeout=120)
+    alive_owner, dead_owner = owner_token("alive"), owner_token("dead")
+    with (
+        DockerRunner(docker_client, HOST_ID, alive_owner) as alive,
+        DockerRunner(docker_client, HOST_ID, dead_owner) as gone,
+        DockerRunner(docker_client, HOST_ID, owner_token("reaper")) as reaper,
+        Background(alive, config, do="sleep", seconds=90) as kept,
+        Background(gone, config, do="sleep", seconds=90) as orphaned,
+    ):
+        running_container(docker_client, kept.task.id)
+        running_container(docker_client, orphaned.task.id)
+
+        reaped = reaper.reap(lambda owner: owner == dead_owner)
+
+        assert reaped.removed == [Orphan(orphaned.task.id, dead_owner, 1)]
+        assert kept.task.id in reaped.kept
+        assert orphaned.task.id not in reaped.kept
+        assert containers_of(docker_client, orphaned.task.id) == []
+        assert len(containers_of(docker_client, kept.task.id, everything=False)) == 1  # still running
+        orphaned.finish()  # its run (its owner was alive after all, in this test) lost its container and ended
+        assert alive.cancel(kept.task.id) is True
+        assert kept.finish().cancelled is True
+
+
+def test_reap_never_removes_its_own_runners_containers(docker_client: Any, behave_image: str) -> None:
+    config = worker(behave_image, timeout=120)
+    with (
+        DockerRunner(docker_client, HOST_ID, owner_token("mine")) as mine,
+        Background(mine, config, do="sleep", seconds=90) as sleeper,
+    ):
+        running_container(docker_client, sleeper.task.id)
+
+        reaped = mine.reap(lambda owner: True)  # even told that every owner is dead
+
+        assert sleeper.task.id in reaped.kept
+        assert all(orphan.task_id != sleeper.task.id for orphan in reaped.removed)
+        assert len(containers_of(docker_client, sleeper.task.id, everything=False)) == 1
+        assert mine.cancel(sleeper.task.id) is True
+        assert sleeper.finish().cancelled is True
+
+
+def test_reap_asks_about_a_container_without_an_owner_as_the_empty_owner(docker_client: Any, behave_image: str) -> None:
+    task_id = f"ownerless-{uuid.uuid4().hex[:8]}"
+    labels = {LABEL_TASK: task_id, LABEL_HOST: HOST_ID, LABEL_ATTEMPT: "3"}
+    container = docker_client.create_container(behave_image, command=["true"], labels=labels)["Id"]
+    try:
+        with DockerRunner(docker_client, HOST_ID, owner_token("reaper")) as reaper:
+            asked: list[str] = []
+
+            def nobody_dead(owner: str) -> bool:
+                asked.append(owner)
+                return False
+
+            kept = reaper.reap(nobody_dead)
+            assert "" in asked
+            assert task_id in kept.kept
+            assert len(containers_of(docker_client, task_id)) == 1
+
+            reaped = reaper.reap(lambda owner: owner == "")
+
+            assert Orphan(task_id, "", 3) in reaped.removed
+            assert containers_of(docker_client, task_id) == []
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.remove_container(container, force=True)

@@ -1,4 +1,4 @@
-"""runner.docker's Demuxer and _Streams: docker attach frames and the output caps, without Docker."""
+"""runner.docker.streams: the Demuxer of docker attach frames and the output caps of Streams, without Docker."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from runner.docker import STDERR, STDERR_TAIL, STDOUT, Demuxer, _Streams
+from runner.docker.streams import STDERR, STDERR_TAIL, STDOUT, Demuxer, Streams
 
 
 def frame(stream: int, payload: bytes) -> bytes:
@@ -94,11 +94,11 @@ def test_feed_accepts_bytes_and_returns_bytes() -> None:
     assert type(data) is bytes
 
 
-# -- _Streams -----------------------------------------------------------------------------
+# -- Streams ------------------------------------------------------------------------------
 
 
 def test_stdout_kept_whole_up_to_its_cap() -> None:
-    streams = _Streams(max_stdout=10, max_stderr=100)
+    streams = Streams(max_stdout=10, max_stderr=100)
     streams.add(STDOUT, b"12345")
     streams.add(STDOUT, b"67890")
     assert bytes(streams.stdout) == b"1234567890"
@@ -106,7 +106,7 @@ def test_stdout_kept_whole_up_to_its_cap() -> None:
 
 
 def test_stdout_beyond_its_cap_sets_cap_hit() -> None:
-    streams = _Streams(max_stdout=10, max_stderr=100)
+    streams = Streams(max_stdout=10, max_stderr=100)
     streams.add(STDOUT, b"12345")
     streams.add(STDOUT, b"678901")
     assert streams.cap_hit == "stdout"
@@ -116,14 +116,14 @@ def test_stdout_beyond_its_cap_sets_cap_hit() -> None:
 
 
 def test_stdout_one_chunk_over_the_cap() -> None:
-    streams = _Streams(max_stdout=4, max_stderr=100)
+    streams = Streams(max_stdout=4, max_stderr=100)
     streams.add(STDOUT, b"12345")
     assert streams.cap_hit == "stdout"
     assert len(streams.stdout) <= 4
 
 
 def test_stderr_does_not_count_against_stdout() -> None:
-    streams = _Streams(max_stdout=4, max_stderr=1000)
+    streams = Streams(max_stdout=4, max_stderr=1000)
     streams.add(STDERR, b"x" * 500)
     streams.add(STDOUT, b"1234")
     assert streams.cap_hit is None
@@ -131,7 +131,7 @@ def test_stderr_does_not_count_against_stdout() -> None:
 
 
 def test_stdout_is_not_in_stderr_and_vice_versa() -> None:
-    streams = _Streams(max_stdout=100, max_stderr=100)
+    streams = Streams(max_stdout=100, max_stderr=100)
     streams.add(STDOUT, b"out")
     streams.add(STDERR, b"err\n")
     assert bytes(streams.stdout) == b"out"
@@ -140,7 +140,7 @@ def test_stdout_is_not_in_stderr_and_vice_versa() -> None:
 
 
 def test_a_last_stderr_line_without_newline_is_kept_at_the_end() -> None:
-    streams = _Streams(max_stdout=100, max_stderr=100)
+    streams = Streams(max_stdout=100, max_stderr=100)
     streams.add(STDERR, b"first\nlast")
     assert bytes(streams.stderr_tail) == b"first\n"
     streams.finish()
@@ -149,7 +149,7 @@ def test_a_last_stderr_line_without_newline_is_kept_at_the_end() -> None:
 
 def test_side_channel_lines_are_not_logs_and_reach_the_observer() -> None:
     seen: list[object] = []
-    streams = _Streams(max_stdout=100, max_stderr=10_000, observe=seen.append)
+    streams = Streams(max_stdout=100, max_stderr=10_000, observe=seen.append)
     streams.add(STDERR, b'log one\n{"workerhost": "progress", "percent": 50}\nlog two\n')
     assert bytes(streams.stderr_tail) == b"log one\nlog two\n"
     assert [type(x).__name__ for x in seen] == ["str", "Progress", "str"]
@@ -157,7 +157,7 @@ def test_side_channel_lines_are_not_logs_and_reach_the_observer() -> None:
 
 def test_stderr_keeps_only_its_tail() -> None:
     tail = 16
-    streams = _Streams(max_stdout=100, max_stderr=10_000, tail=tail)
+    streams = Streams(max_stdout=100, max_stderr=10_000, tail=tail)
     everything = b""
     for i in range(200):
         chunk = f"line {i}\n".encode()
@@ -172,7 +172,7 @@ def test_stderr_keeps_only_its_tail() -> None:
 
 
 def test_stderr_tail_with_the_default_size() -> None:
-    streams = _Streams(max_stdout=100, max_stderr=10 * STDERR_TAIL)
+    streams = Streams(max_stdout=100, max_stderr=10 * STDERR_TAIL)
     data = b"".join(f"log line number {i}\n".encode() for i in range(3 * STDERR_TAIL // 16))
     for i in range(0, len(data), 4096):
         streams.add(STDERR, data[i : i + 4096])
@@ -183,13 +183,13 @@ def test_stderr_tail_with_the_default_size() -> None:
 
 
 def test_stderr_up_to_its_cap_is_fine() -> None:
-    streams = _Streams(max_stdout=100, max_stderr=50)
+    streams = Streams(max_stdout=100, max_stderr=50)
     streams.add(STDERR, b"x" * 50)
     assert streams.cap_hit is None
 
 
 def test_stderr_past_its_cap_sets_cap_hit() -> None:
-    streams = _Streams(max_stdout=100, max_stderr=50)
+    streams = Streams(max_stdout=100, max_stderr=50)
     streams.add(STDERR, b"x" * 30)
     assert streams.cap_hit is None
     streams.add(STDERR, b"y" * 21)
@@ -200,7 +200,7 @@ def test_stderr_past_its_cap_sets_cap_hit() -> None:
 
 def test_demuxed_frames_into_streams() -> None:
     demux = Demuxer()
-    streams = _Streams(max_stdout=1_000_000, max_stderr=1_000_000)
+    streams = Streams(max_stdout=1_000_000, max_stderr=1_000_000)
     for i in range(0, len(STREAM), 777):
         for stream, data in demux.feed(STREAM[i : i + 777]):
             streams.add(stream, data)

@@ -1,4 +1,4 @@
-"""runner.protocol: the outcome table of DESIGN.md, row by row, and the task envelope."""
+"""runner.protocol: the outcome table of README.md ("Worker protocol v1"), row by row, and the task envelope."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from runner.protocol import (
     ContainerEnd,
+    EngineFault,
     Envelope,
     ErrorInfo,
     ExitCode,
@@ -143,6 +144,36 @@ def test_success_false_with_a_string_error_or_none() -> None:
 def test_success_false_error_object_without_type() -> None:
     outcome = classify(ContainerEnd(exit_code=0, stdout=_json({"success": False, "error": {"message": "m"}})))
     assert outcome.error == ErrorInfo("WorkerError", "m")
+
+
+# -- the exit code wins over the JSON -------------------------------------------------------------
+
+
+def test_exit_1_wins_over_a_json_that_says_not_retriable_keeping_its_error() -> None:
+    outcome = classify(ContainerEnd(exit_code=1, stdout=_failure("KeyError", "'text'", retriable=False)))
+    assert outcome.status is Status.FAILED
+    assert outcome.retriable is True
+    assert outcome.exit_code == 1
+    assert outcome.error == ErrorInfo("KeyError", "'text'")
+
+
+def test_exit_1_wins_over_a_json_that_says_success() -> None:
+    outcome = classify(ContainerEnd(exit_code=1, stdout=_json({"success": True, "result": {"n": 1}})))
+    assert outcome.status is Status.FAILED
+    assert outcome.retriable is True
+    assert outcome.result is None
+    assert outcome.error is not None
+    assert outcome.error.type == "WorkerFailed"
+    assert "exited with code 1" in outcome.error.message
+
+
+def test_exit_3_wins_over_a_json_that_says_success() -> None:
+    outcome = classify(ContainerEnd(exit_code=3, stdout=_json({"success": True, "result": {"n": 1}})))
+    assert outcome.status is Status.TIMEOUT
+    assert outcome.retriable is False
+    assert outcome.result is None
+    assert outcome.error is not None
+    assert outcome.error.type == "Timeout"
 
 
 # -- timeout ---------------------------------------------------------------------------------
@@ -315,16 +346,71 @@ def test_cap_hit_beats_a_successful_stdout_and_oom() -> None:
     assert "100 bytes" in outcome.error.message
 
 
-# -- engine errors ----------------------------------------------------------------------------------
+# -- engine errors: the kind decides ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("retriable", [True, False])
-def test_engine_error_keeps_its_retriability(retriable: bool) -> None:
-    error = ErrorInfo("EngineError", "cannot create the container")
-    outcome = classify(ContainerEnd(exit_code=None, engine_error=error, engine_retriable=retriable))
+def _engine_end(fault: EngineFault, message: str = "worker W: cannot start its container: boom") -> ContainerEnd:
+    return ContainerEnd(exit_code=None, engine_error=ErrorInfo("EngineError", message), engine_fault=fault)
+
+
+def test_an_engine_that_does_not_answer_is_retriable() -> None:
+    message = "worker W: cannot create a container of img: the Docker engine does not answer: no connection"
+    outcome = classify(_engine_end(EngineFault.UNREACHABLE, message))
     assert outcome.status is Status.FAILED
-    assert outcome.retriable is retriable
-    assert outcome.error == error
+    assert outcome.retriable is True
+    assert outcome.error == ErrorInfo("EngineError", message)
+
+
+def test_an_engine_failing_with_a_5xx_is_retriable() -> None:
+    outcome = classify(_engine_end(EngineFault.SERVER, "worker W: cannot start its container: driver failed"))
+    assert outcome.status is Status.FAILED
+    assert outcome.retriable is True
+    assert outcome.error == ErrorInfo("EngineError", "worker W: cannot start its container: driver failed")
+
+
+def test_an_engine_refusing_the_container_with_a_4xx_is_permanent_and_says_what_it_refused() -> None:
+    refused = 'worker W: cannot start its container: exec: "/no/such/binary": no such file or directory'
+    outcome = classify(_engine_end(EngineFault.REFUSED, refused))
+    assert outcome.status is Status.FAILED
+    assert outcome.retriable is False
+    assert outcome.error == ErrorInfo("EngineError", refused)
+
+
+def test_a_missing_image_is_permanent_and_says_how_to_build_it() -> None:
+    message = "worker W: image workerhost/w:latest is not on the Docker engine"
+    end = ContainerEnd(
+        exit_code=None, engine_error=ErrorInfo("ImageMissing", message), engine_fault=EngineFault.IMAGE_MISSING
+    )
+    outcome = classify(end)
+    assert outcome.status is Status.FAILED
+    assert outcome.retriable is False
+    assert outcome.error is not None
+    assert outcome.error.type == "ImageMissing"
+    assert outcome.error.message == f"{message}; build it with `make build-images`"
+
+
+def test_an_image_missing_fault_is_named_so_whatever_the_error_type_given() -> None:
+    outcome = classify(
+        _engine_end(EngineFault.IMAGE_MISSING, "worker W: cannot create a container of x: No such image")
+    )
+    assert outcome.error is not None
+    assert outcome.error.type == "ImageMissing"
+    assert "make build-images" in outcome.error.message
+
+
+def test_every_engine_fault_has_a_decision() -> None:
+    decided = {fault: classify(_engine_end(fault)).retriable for fault in EngineFault}
+    assert decided == {
+        EngineFault.UNREACHABLE: True,
+        EngineFault.SERVER: True,
+        EngineFault.REFUSED: False,
+        EngineFault.IMAGE_MISSING: False,
+    }
+
+
+def test_an_engine_error_without_its_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="engine_fault"):
+        ContainerEnd(exit_code=None, engine_error=ErrorInfo("EngineError", "gone"))
 
 
 def test_engine_error_beats_everything() -> None:
@@ -339,7 +425,7 @@ def test_engine_error_beats_everything() -> None:
         timeout=1,
         memory=MiB * 64,
         engine_error=error,
-        engine_retriable=True,
+        engine_fault=EngineFault.UNREACHABLE,
     )
     outcome = classify(end)
     assert outcome.status is Status.FAILED

@@ -1,0 +1,248 @@
+"""One task in one container: create, attach, start, exchange, wait or kill, inspect.
+
+What happens to the container afterwards (removal, cancellation, reaping) is
+``cleanup``'s; what its end means is ``protocol.classify``'s.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import docker
+import docker.errors
+import docker.types
+import requests.exceptions
+
+from runner.config import STRICT_NOFILE, WorkerConfig
+from runner.docker.engine import engine_errors
+from runner.docker.labels import LABEL_ATTEMPT, LABEL_HOST, LABEL_OWNER, LABEL_TASK, LABEL_WORKER
+from runner.docker.streams import STDERR_TAIL, Streams, close, exchange
+from runner.errors import EngineError, ImageMissing
+from runner.protocol import ContainerEnd, Envelope, ErrorInfo
+from runner.sidechannel import Progress, WorkerSpan
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one container run produced, beyond its classification."""
+
+    end: ContainerEnd
+    container_id: str | None = None
+    image_id: str | None = None
+    start_latency: float = 0.0
+    duration: float = 0.0
+    stderr_bytes: int = 0
+    stdin_bytes: int = 0
+    # (name, start, end) in nanoseconds since the epoch: create, start, exchange, teardown
+    phases: tuple[tuple[str, int, int], ...] = ()
+    side_channel_problems: str | None = None
+    # DockerRunner.cancel killed it: ``end`` says how it died, not how the task would have ended
+    cancelled: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerEvent:
+    """A container of a task was created or removed."""
+
+    kind: str  # "created" or "removed"
+    container_id: str
+
+
+# What the runner tells its caller while a task runs (from the runner's thread):
+# a worker's log line, a span or progress from the SDK's side channel, a container event.
+Observed = str | WorkerSpan | Progress | ContainerEvent
+Observer = Callable[[Observed], None]
+
+
+class Phases:
+    """Wall-clock marks of a run's phases, for the spans of an attempt."""
+
+    def __init__(self) -> None:
+        self._last = time.time_ns()
+        self._phases: list[tuple[str, int, int]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.time_ns()
+        self._phases.append((name, self._last, now))
+        self._last = now
+
+    def done(self, name: str) -> tuple[tuple[str, int, int], ...]:
+        self.mark(name)
+        return tuple(self._phases)
+
+
+def create(client: docker.APIClient, worker: WorkerConfig, task: Envelope, host_id: str, owner: str) -> str:
+    """A new container of ``worker`` for ``task``, with the worker's limits; returns its id."""
+    host_config = client.create_host_config(
+        nano_cpus=int(worker.cpus * 1e9),
+        mem_limit=worker.memory,
+        memswap_limit=worker.memory,  # equal to memory: no swap, so the limit is real
+        pids_limit=worker.pids_limit,
+        network_mode=worker.network,
+        runtime=worker.runtime,
+        read_only=True,
+        tmpfs={"/tmp": f"rw,nosuid,nodev,size={worker.tmpfs},mode=1777"},
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        # The host reads the streams through attach; a log driver would
+        # only copy every byte to disk again.
+        log_config={"Type": "none", "Config": {}},
+        ulimits=_strict_ulimits(worker) if worker.strict else None,
+    )
+    labels = {
+        LABEL_TASK: task.id,
+        LABEL_WORKER: worker.name,
+        LABEL_HOST: host_id,
+        LABEL_ATTEMPT: str(task.attempt),
+        LABEL_OWNER: owner,
+    }
+    environment = {**worker.env, **task.environment()}
+    with engine_errors(f"worker {worker.name}: cannot create a container of {worker.image}"):
+        try:
+            created = client.create_container(
+                image=worker.image,
+                command=worker.command,
+                stdin_open=True,  # with detach=False this sets StdinOnce: EOF closes stdin
+                environment=environment,
+                user=worker.user or None,
+                labels=labels,
+                host_config=host_config,
+                network_disabled=worker.network == "none",
+            )
+        except docker.errors.ImageNotFound:
+            raise ImageMissing(worker.image, worker.name) from None
+    return str(created["Id"])
+
+
+def supervise(
+    client: docker.APIClient,
+    container: str,
+    worker: WorkerConfig,
+    task: Envelope,
+    began: float,
+    phases: Phases,
+    observe: Observer | None,
+) -> RunResult:
+    """Attach, start, exchange stdin and stdout up to the deadline or a cap, then read how it ended."""
+    # Attach before start: output written before an attach would be lost.
+    with engine_errors(f"worker {worker.name}: cannot attach to its container"):
+        attach = client.attach_socket(container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+    sock: socket.socket = getattr(attach, "_sock", attach)
+    try:
+        with engine_errors(f"worker {worker.name}: cannot start its container"):
+            client.start(container)
+    except EngineError:
+        close(sock, attach)
+        raise
+    started = time.monotonic()
+    phases.mark("start")
+    # The deadline counts from start, so that engine latency is not the worker's time.
+    deadline = started + worker.timeout
+    task = replace(task, deadline=datetime.now(UTC) + timedelta(seconds=worker.timeout))
+    streams = Streams(worker.max_stdout, worker.max_stderr, observe=observe)
+    payload = task.to_json()
+    try:
+        deadline_hit = exchange(sock, payload, streams, deadline)
+        streams.finish()
+        phases.mark("exchange")
+        if deadline_hit or streams.cap_hit:
+            # Close the socket first, so that dockerd stops copying output
+            # to us while the kill is delivered.
+            close(sock, attach)
+            kill(client, container)
+        else:
+            deadline_hit = not _wait(client, container, deadline)
+    finally:
+        close(sock, attach)
+    state, image_id = _inspect(client, container)
+    end = ContainerEnd(
+        exit_code=state.get("ExitCode"),
+        stdout=bytes(streams.stdout),
+        oom_killed=bool(state.get("OOMKilled")),
+        deadline_hit=deadline_hit,
+        cap_hit=streams.cap_hit,
+        cap_bytes=streams.cap_bytes() if streams.cap_hit else 0,
+        timeout=worker.timeout,
+        memory=worker.memory,
+        stderr_tail=bytes(streams.stderr_tail[-STDERR_TAIL:]),
+        strict=worker.strict,
+    )
+    return RunResult(
+        end,
+        container_id=container,
+        image_id=image_id,
+        start_latency=started - began,
+        duration=time.monotonic() - started,
+        stderr_bytes=streams.stderr_bytes,
+        stdin_bytes=len(payload),
+        phases=phases.done("teardown"),
+        side_channel_problems=streams.lines.problems(),
+    )
+
+
+def engine_end(exc: EngineError) -> ContainerEnd:
+    """The end of a run that the engine failed: what was being done, and what kind of failure."""
+    return ContainerEnd(exit_code=None, engine_error=ErrorInfo(type(exc).__name__, str(exc)), engine_fault=exc.fault)
+
+
+def signal_kill(client: docker.APIClient, container: str) -> bool:
+    """Send SIGKILL; False when the container was no longer running (or is gone), so nothing was killed."""
+    with engine_errors("cannot kill the container"):
+        try:
+            client.kill(container)
+        except docker.errors.APIError as exc:
+            if exc.status_code in (404, 409):  # 409: it had already stopped; 404: already removed
+                return False
+            raise
+    return True
+
+
+def kill(client: docker.APIClient, container: str) -> None:
+    """Kill the container and wait until the engine says it stopped."""
+    signal_kill(client, container)
+    # A kill is delivered asynchronously; inspect must see the final state.
+    with engine_errors("the killed container did not stop"):
+        client.wait(container, timeout=30)
+
+
+def _wait(client: docker.APIClient, container: str, deadline: float) -> bool:
+    """Wait for the container to exit by the deadline; kill it and say False if it did not.
+
+    Its output has ended, but a worker may close stdout and keep running.
+    """
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        with engine_errors("lost the container while waiting for it"):
+            try:
+                client.wait(container, timeout=remaining + 0.5)
+                return True
+            except requests.exceptions.ReadTimeout:
+                pass
+    if _exited(client, container):
+        return True
+    kill(client, container)
+    return False
+
+
+def _exited(client: docker.APIClient, container: str) -> bool:
+    state, _ = _inspect(client, container)
+    return not state.get("Running", False)
+
+
+def _inspect(client: docker.APIClient, container: str) -> tuple[dict[str, Any], str | None]:
+    with engine_errors("cannot inspect the container"):
+        info = client.inspect_container(container)
+    return info.get("State", {}), info.get("Image")
+
+
+def _strict_ulimits(worker: WorkerConfig) -> list[docker.types.Ulimit]:
+    """Open files, and the largest file a strict worker may write (no bigger than its /tmp)."""
+    return [
+        docker.types.Ulimit(name="nofile", soft=STRICT_NOFILE, hard=STRICT_NOFILE),
+        docker.types.Ulimit(name="fsize", soft=worker.tmpfs, hard=worker.tmpfs),
+    ]
