@@ -36,7 +36,11 @@ def free_port() -> int:
 class Serve:
     """One ``workerhost serve`` process, its log, and a client for its API."""
 
-    def __init__(self, config: Path, port: int, log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, port: int, log: Path, env: dict[str, str] | None = None, wrap: list[str] | None = None
+    ) -> None:
+        """``wrap`` runs the command through another (``unshare``, say): ``[*wrap, workerhost, "serve", ...]``."""
+        self.wrap = wrap or []
         self.config = config
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
@@ -48,7 +52,7 @@ class Serve:
     def start(self, wait: float = 30.0) -> Serve:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [executable(), "serve", "-c", str(self.config)],
+                [*self.wrap, executable(), "serve", "-c", str(self.config)],
                 stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env,
             )  # fmt: skip
         deadline = time.monotonic() + wait

@@ -11,16 +11,17 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HOST_ID, ROOT
+from tests.conftest import ROOT, new_host_id
 from tests.serving import executable, free_port
 
 SHIPPED = ROOT / "workerhost.toml"
 
 
 def workerhost(
-    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+    *args: str, stdin: str = "", env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "WORKERHOST_HOST_ID": HOST_ID, **(env or {})}
+    """One command, with its own stdin (empty unless given) and a host id of its own."""
+    environment = {**os.environ, "WORKERHOST_HOST_ID": new_host_id(), **(env or {})}
     return subprocess.run(
         [executable(), *args],
         input=stdin,
@@ -28,7 +29,7 @@ def workerhost(
         text=True,
         cwd=ROOT,
         env=environment,
-        timeout=300,
+        timeout=timeout,
     )
 
 
@@ -173,12 +174,12 @@ def test_run_the_shell_worker_with_params_on_stdin(example_images: None) -> None
 
 
 @pytest.fixture
-def behave_config(tmp_path: Path, behave_image: str) -> Path:
+def behave_config(tmp_path: Path, behave_image: str, host_id: str) -> Path:
     config = tmp_path / "behave.toml"
     config.write_text(
         f"""
 [host]
-id = "{HOST_ID}"
+id = "{host_id}"
 
 [[workers]]
 name = "Test.Behave"
@@ -220,15 +221,32 @@ def test_serve_on_a_port_in_use_says_so_and_claims_nothing(tmp_path: Path) -> No
         port = taken.getsockname()[1]
         config = tmp_path / "busy.toml"
         config.write_text(
-            f'[host]\nhttp = "127.0.0.1:{port}"\n[task_manager]\npath = "{tmp_path / "q.db"}"\n'
+            f'[host]\nid = "{new_host_id()}"\nhttp = "127.0.0.1:{port}"\n'
+            f'[task_manager]\npath = "{tmp_path / "q.db"}"\n'
             '[[workers]]\nname = "W"\nimage = "w:1"\ntask_types = ["W"]\n'
         )
-        done = workerhost("serve", "-c", str(config))
+        done = workerhost("serve", "-c", str(config), timeout=60)
 
     assert done.returncode == 1
     assert f"cannot serve the API on 127.0.0.1:{port} ([host] http)" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "q.db").exists()  # it stopped before opening the queue
+
+
+def test_serve_with_a_queue_it_cannot_open_says_so_and_exits_1(tmp_path: Path) -> None:
+    # A file where the queue's folder should be: no user, root included, can create the database there.
+    (tmp_path / "var").write_text("not a folder\n")
+    db = tmp_path / "var" / "q.db"
+    config = tmp_path / "queue.toml"
+    config.write_text(
+        f'[host]\nid = "{new_host_id()}"\nhttp = "127.0.0.1:{free_port()}"\n[task_manager]\npath = "{db}"\n'
+        '[[workers]]\nname = "W"\nimage = "w:1"\ntask_types = ["W"]\n'
+    )
+    done = workerhost("serve", "-c", str(config), timeout=60)
+
+    assert done.returncode == 1, done.stderr
+    assert f"cannot open the embedded queue at {db}" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.docker
@@ -250,7 +268,8 @@ def test_doctor_reports_the_engine_and_whether_strict_workers_can_run(docker_cli
 def test_serve_refuses_a_strict_worker_the_engine_cannot_run(tmp_path: Path, docker_client: Any) -> None:
     config = tmp_path / "strict.toml"
     config.write_text(
-        f'[host]\nhttp = "127.0.0.1:{free_port()}"\n[task_manager]\npath = "{tmp_path / "q.db"}"\n'
+        f'[host]\nid = "{new_host_id()}"\nhttp = "127.0.0.1:{free_port()}"\n'
+        f'[task_manager]\npath = "{tmp_path / "q.db"}"\n'
         '[[workers]]\nname = "Untrusted"\nimage = "workerhost/python:3.11"\ntask_types = ["U"]\n'
         'sandbox = "strict"\nruntime = "runsc-not-registered"\n'
     )

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HOST_ID, build_test_image, unavailable
+from tests.conftest import build_test_image, new_host_id, unavailable
 from tests.serving import Serve, free_port
 
 HOSTILE_IMAGE = "workerhost-test/hostile:latest"
@@ -65,7 +65,7 @@ def host(
     config.write_text(
         f"""
 [host]
-id = "{HOST_ID}"
+id = "{new_host_id()}"
 concurrency = 6
 http = "127.0.0.1:{port}"
 grace = "2s"

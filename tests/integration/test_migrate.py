@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import HOST_ID
+from tests.conftest import new_host_id
 from tests.serving import executable
 
 pytestmark = pytest.mark.docker
@@ -56,7 +56,7 @@ class Imported:
 
 
 def workerhost(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "WORKERHOST_HOST_ID": HOST_ID}
+    environment = {**os.environ, "WORKERHOST_HOST_ID": new_host_id()}
     return subprocess.run([executable(), *args], capture_output=True, text=True, cwd=cwd, env=environment, timeout=300)
 
 

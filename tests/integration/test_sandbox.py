@@ -12,7 +12,7 @@ from runner.attempts import new_task, run_task
 from runner.config import WorkerConfig
 from runner.docker import DockerRunner
 from runner.protocol import Status
-from tests.conftest import HOST_ID, unavailable
+from tests.conftest import unavailable
 
 pytestmark = pytest.mark.docker
 
@@ -26,8 +26,8 @@ def gvisor(docker_client: Any) -> None:
 
 
 @pytest.fixture
-def runner(docker_client: Any, gvisor: None) -> Iterator[DockerRunner]:
-    with DockerRunner(docker_client, HOST_ID) as runner:
+def runner(docker_client: Any, gvisor: None, host_id: str) -> Iterator[DockerRunner]:
+    with DockerRunner(docker_client, host_id) as runner:
         yield runner
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import signal
 import threading
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runner.docker import LABEL_HOST, LABEL_TASK
 from runner.sources.embedded import EmbeddedQueue
-from tests.conftest import HOST_ID
+from tests.conftest import new_host_id
 from tests.engine_proxy import EngineProxy
 from tests.prismq_server import PrismQServer
 from tests.serving import Serve, config_text, free_port
@@ -27,8 +28,9 @@ ServeFactory = Callable[..., Serve]
 
 
 @pytest.fixture
-def serve(tmp_path: Path, behave_image: str) -> Iterator[ServeFactory]:
-    """Start ``workerhost serve`` processes on one database in tmp_path; all are stopped at the end."""
+def serve(tmp_path: Path, behave_image: str, host_id: str) -> Iterator[ServeFactory]:
+    """Start ``workerhost serve`` processes on one database in tmp_path, all with this test's host id
+    (as restarts of one host); all are stopped at the end."""
     started: list[Serve] = []
     db = tmp_path / "queue.db"
 
@@ -36,7 +38,7 @@ def serve(tmp_path: Path, behave_image: str) -> Iterator[ServeFactory]:
         port = port or free_port()
         config = tmp_path / f"serve-{port}.toml"
         if not config.exists():
-            config.write_text(config_text(HOST_ID, port, db, behave_image, **options))
+            config.write_text(config_text(host_id, port, db, behave_image, **options))
         process = Serve(config, port, tmp_path / f"serve-{port}.log", env).start()
         started.append(process)
         return process
@@ -79,23 +81,24 @@ memory = "64m"
 
 
 def test_kill_9_mid_task_then_restart_completes_the_task_once(serve: ServeFactory, docker_client: Any) -> None:
-    first = serve()
-    task = first.submit("Test.Behave", do="sleep", seconds=4)
+    began = time.time()
+    # A lease far longer than the test: only the next start's reaping can hand the task back in time.
+    first = serve(lease="300s")
+    task = first.submit("Test.Behave", do="sleep", seconds=60, again=0)  # slow on attempt 1 only
     first.wait_for(task["id"], ("running",))
-    orphans = _wait_for_containers(docker_client, task["id"])
+    orphans = {c["Id"] for c in _wait_for_containers(docker_client, task["id"])}
     assert first.proc is not None
     first.proc.kill()  # SIGKILL: no drain, no report
     first.wait_exit(10)
+    assert _container_ids(docker_client, task["id"]) == orphans, "the dead host's container outlives it"
 
     second = serve(port=first.port)  # same config, same host id, same database
-    done = second.wait_for(task["id"], ("completed",), timeout=60)
+    done = second.wait_for(task["id"], ("completed", "failed", "dead"), timeout=60)
 
-    assert done["result"]["slept"] == 4
-    remaining = {c["Id"] for c in docker_client.containers(all=True, filters={"label": f"{LABEL_TASK}={task['id']}"})}
-    assert not remaining & {c["Id"] for c in orphans}, "the orphan container was not reaped"
-    same = [t for t in second.http.get("/tasks", params={"limit": 1000}).json() if t["id"] == task["id"]]
-    assert len(same) == 1 and same[0]["status"] == "completed"
-    assert same[0]["attempts"] == 2  # the interrupted attempt counts
+    assert (done["status"], done["attempts"]) == ("completed", 2), done  # the interrupted attempt counts
+    assert (done["result"]["attempt"], done["result"]["slept"]) == (2, 0)  # run again, not attempt 1 finishing
+    assert not _container_ids(docker_client, task["id"]) & orphans, "the orphan container was not reaped"
+    assert len(_created(docker_client, task["id"], since=began)) == 2, "one container per attempt, no more"
 
 
 def test_sigterm_lets_the_task_in_flight_finish(serve: ServeFactory) -> None:
@@ -132,22 +135,36 @@ def test_past_the_grace_period_the_container_is_killed_and_the_task_handed_back(
     assert (back["status"], back["attempts"]) == ("pending", 0)  # handed back; the attempt does not count
 
 
-def test_a_second_signal_exits_at_once(serve: ServeFactory) -> None:
-    host = serve(grace="60s")
-    task = host.submit("Test.Behave", do="sleep", seconds=60)
+def test_a_second_signal_exits_at_once(serve: ServeFactory, docker_client: Any, tmp_path: Path) -> None:
+    # A lease far longer than the test: only the next start's reaping can hand the task back in time.
+    host = serve(grace="60s", lease="300s")
+    task = host.submit("Test.Behave", do="sleep", seconds=60, again=0)  # slow on attempt 1 only
     host.wait_for(task["id"], ("running",))
+    left = {c["Id"] for c in _wait_for_containers(docker_client, task["id"])}
 
     host.signal(signal.SIGTERM)
-    time.sleep(0.5)
+    _wait_until(lambda: host.http.get("/health").json()["host"]["stopping"], "the first SIGTERM to start the drain")
     began = time.monotonic()
     host.signal(signal.SIGTERM)
-    code = host.wait_exit(10)
+    code = host.wait_exit(30)
 
-    assert time.monotonic() - began < 5
     assert code == 128 + signal.SIGTERM
-    # The next start reaps the container it left and runs the task again.
-    again = serve(grace="1s")  # same database and host id
-    assert again.wait_for(task["id"], ("running", "completed"), timeout=30)["attempts"] >= 1
+    assert time.monotonic() - began < 10  # at once: not after the 60 s grace, nor the task's 60 s
+    # It exited as it stood: its container still there, the task claimed by it (attempt 1).
+    assert _container_ids(docker_client, task["id"]) == left
+    queue = EmbeddedQueue(tmp_path / "queue.db", owner="pytest")
+    try:
+        stood = queue.get(task["id"])
+    finally:
+        asyncio.run(queue.close())
+    assert stood is not None and (stood["status"], stood["attempts"]) == ("running", 1)
+
+    # The next start (same database, same host id) reaps that container and runs the task again.
+    again = serve(grace="1s", lease="300s")
+    done = again.wait_for(task["id"], ("completed", "failed", "dead"), timeout=60)
+    assert (done["status"], done["attempts"]) == ("completed", 2), done
+    assert done["result"]["attempt"] == 2
+    assert not _container_ids(docker_client, task["id"]) & left, "the container it left was not reaped"
 
 
 def test_dead_letters_then_retry_after_the_worker_is_fixed(
@@ -184,7 +201,7 @@ memory = "64m"
         docker_client.remove_image(broken, force=True)
 
 
-def test_the_engine_going_away_mid_run(serve: ServeFactory, tmp_path: Path) -> None:
+def test_the_engine_going_away_mid_run(serve: ServeFactory, tmp_path: Path, docker_client: Any, host_id: str) -> None:
     proxy = EngineProxy(tmp_path / "engine.sock")
     proxy.start()
     patient = """
@@ -200,10 +217,10 @@ memory = "64m"
     try:
         task = host.submit("Test.Patient", do="sleep", seconds=3)
         host.wait_for(task["id"], ("running",))
-        time.sleep(0.5)
+        _wait_for_containers(docker_client, task["id"])  # mid-run: its container runs
 
         proxy.stop()
-        time.sleep(1.0)
+        _wait_until(lambda: host.http.get("/health").json()["status"] != "ok", "/health to see the engine gone")
         health = host.http.get("/health")
         assert health.status_code == 200  # the host is up
         body = health.json()
@@ -218,21 +235,22 @@ memory = "64m"
         assert done["status"] == "completed"
         assert done["attempts"] >= 2
         assert host.http.get("/health").json()["engine"]["reachable"] is True
+        # The host's janitor removes what it could not while the engine was away.
+        ours = {"label": f"{LABEL_HOST}={host_id}"}
+        _wait_until(lambda: not docker_client.containers(all=True, filters=ours), "the janitor to remove the rest")
     finally:
         if not proxy.running:
             proxy.start()
-        # Let the host's janitor remove what it could not while the engine was away.
-        time.sleep(3)
 
 
 def test_two_hosts_on_one_database_never_run_a_task_twice(
-    serve: ServeFactory, docker_client: Any, behave_image: str
+    serve: ServeFactory, docker_client: Any, behave_image: str, host_id: str
 ) -> None:
     created: Counter[str] = Counter()
     stop = threading.Event()
 
     def watch() -> None:
-        events = docker_client.events(filters={"label": f"{LABEL_HOST}={HOST_ID}", "event": "create"}, decode=True)
+        events = docker_client.events(filters={"label": f"{LABEL_HOST}={host_id}", "event": "create"}, decode=True)
         for event in events:
             created[event["Actor"]["Attributes"][LABEL_TASK]] += 1
             if stop.is_set():
@@ -257,13 +275,39 @@ def test_two_hosts_on_one_database_never_run_a_task_twice(
     assert {t["worker"] for t in finished} == {"Test.Behave"}
 
 
-def _wait_for_containers(client: Any, task_id: str) -> list[dict[str, Any]]:
-    for _ in range(100):
+def _container_ids(client: Any, task_id: str) -> set[str]:
+    """Ids of the task's containers on the engine, running or not."""
+    return {c["Id"] for c in client.containers(all=True, filters={"label": f"{LABEL_TASK}={task_id}"})}
+
+
+def _created(client: Any, task_id: str, since: float) -> list[str]:
+    """Ids of the containers the engine created for the task since then (from its event log)."""
+    # "until" now: the engine sends what it has and closes the stream at once.
+    events = client.events(
+        since=f"{since - 1:.6f}", until=f"{time.time():.6f}",
+        filters={"label": f"{LABEL_TASK}={task_id}", "event": "create"}, decode=True,
+    )  # fmt: skip
+    return [event["id"] for event in events]
+
+
+def _wait_until(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout}s for {what}")
+        time.sleep(0.1)
+
+
+def _wait_for_containers(client: Any, task_id: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The task's running containers, once there is one."""
+    deadline = time.monotonic() + timeout
+    while True:
         found: list[dict[str, Any]] = client.containers(filters={"label": f"{LABEL_TASK}={task_id}"})
         if found:
             return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"no container of task {task_id} runs after {timeout}s")
         time.sleep(0.1)
-    pytest.fail(f"no container for task {task_id}")
 
 
 def _build(client: Any, dockerfile: str, tag: str) -> None:
@@ -279,7 +323,7 @@ def test_serve_claims_and_completes_a_prismq_taskmanagers_tasks(
         config = tmp_path / "prismq.toml"
         config.write_text(f"""
 [host]
-id = "{HOST_ID}"
+id = "{new_host_id()}"
 http = "127.0.0.1:{port}"
 poll_max = "200ms"
 

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from runner.protocol import ErrorInfo, Outcome, Status
-from runner.sources import ClaimedTask, Finished, LeaseLost
+from runner.sources import ClaimedTask, Finished, HeldTask, LeaseLost, SourceUnavailable
+from runner.sources import embedded as embedded_module
 from runner.sources.embedded import STATUSES, EmbeddedQueue
 
 T = TypeVar("T")
@@ -65,6 +70,31 @@ def status(queue: EmbeddedQueue, task_id: str) -> dict[str, Any]:
     task = queue.get(task_id)
     assert task is not None
     return task
+
+
+class Clock:
+    """The queue's wall clock, moved by hand: a lease or a retry's wait ends when a test says so,
+    however slow the machine (a margin of a tenth of a second is not one on a shared machine)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)  # the rest of the time module, as it is
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """Every EmbeddedQueue in this process reads the time from this clock."""
+    fake = Clock()
+    monkeypatch.setattr(embedded_module, "time", fake)
+    return fake
 
 
 # -- the file -------------------------------------------------------------------------
@@ -185,10 +215,10 @@ def test_complete_stores_the_result(queue: EmbeddedQueue) -> None:
     assert queue.claim_now([ECHO]) is None
 
 
-def test_a_retry_waits_until_run_at(queue: EmbeddedQueue) -> None:
+def test_a_retry_waits_until_run_at(queue: EmbeddedQueue, clock: Clock) -> None:
     task_id = submit(queue)
     task = claim(queue)
-    run(queue.fail(task, finished(RETRIABLE), retry_in=0.3))
+    run(queue.fail(task, finished(RETRIABLE), retry_in=30))
     shown = status(queue, task_id)
     assert shown["status"] == "pending"
     assert shown["attempts"] == 1
@@ -196,7 +226,9 @@ def test_a_retry_waits_until_run_at(queue: EmbeddedQueue) -> None:
     assert shown["run_at"] > shown["updated_at"]
     assert shown["error"] == {"type": "Busy", "message": "try again later", "retriable": True}
     assert queue.claim_now([ECHO]) is None, "not claimable before run_at"
-    time.sleep(0.4)
+    clock.advance(29)
+    assert queue.claim_now([ECHO]) is None, "not claimable before run_at"
+    clock.advance(2)
     again = claim(queue)
     assert again.id == task_id
     assert again.attempt == 2
@@ -271,14 +303,15 @@ def test_retry_refuses_pending_running_completed_and_unknown_tasks(queue: Embedd
 # -- leases ---------------------------------------------------------------------------
 
 
-def test_an_expired_lease_goes_to_another_owner_and_the_first_loses_it(path: Path) -> None:
-    first = EmbeddedQueue(path=path, owner=OWNER, lease=0.2)
+def test_an_expired_lease_goes_to_another_owner_and_the_first_loses_it(path: Path, clock: Clock) -> None:
+    first = EmbeddedQueue(path=path, owner=OWNER, lease=30)
     second = EmbeddedQueue(path=path, owner=OTHER, lease=30)
     try:
         task_id = submit(first)
         mine = claim(first)
+        clock.advance(29)
         assert second.claim_now([ECHO]) is None, "the lease is live"
-        time.sleep(0.3)
+        clock.advance(2)
         theirs = claim(second)
         assert theirs.id == task_id
         assert theirs.attempt == 2, "the lost attempt counts"
@@ -297,15 +330,15 @@ def test_an_expired_lease_goes_to_another_owner_and_the_first_loses_it(path: Pat
         run(second.close())
 
 
-def test_renew_keeps_the_lease(path: Path) -> None:
-    first = EmbeddedQueue(path=path, owner=OWNER, lease=0.6)
+def test_renew_keeps_the_lease(path: Path, clock: Clock) -> None:
+    first = EmbeddedQueue(path=path, owner=OWNER, lease=30)
     second = EmbeddedQueue(path=path, owner=OTHER)
     try:
         submit(first)
         mine = claim(first)
-        time.sleep(0.35)
+        clock.advance(20)
         run(first.renew(mine))
-        time.sleep(0.35)  # past the first lease, within the renewed one
+        clock.advance(20)  # past the first lease (30 s), within the renewed one (50 s)
         assert second.claim_now([ECHO]) is None
         run(first.complete(mine, finished(COMPLETED)))
     finally:
@@ -313,13 +346,13 @@ def test_renew_keeps_the_lease(path: Path) -> None:
         run(second.close())
 
 
-def test_an_expired_lease_with_no_attempt_left_is_dead(path: Path) -> None:
-    first = EmbeddedQueue(path=path, owner=OWNER, lease=0.2)
+def test_an_expired_lease_with_no_attempt_left_is_dead(path: Path, clock: Clock) -> None:
+    first = EmbeddedQueue(path=path, owner=OWNER, lease=30)
     second = EmbeddedQueue(path=path, owner=OTHER)
     try:
         task_id = submit(first, max_attempts=1)
         mine = claim(first)
-        time.sleep(0.3)
+        clock.advance(31)
         assert second.claim_now([ECHO]) is None
         shown = status(second, task_id)
         assert shown["status"] == "dead"
@@ -353,10 +386,10 @@ def test_recover_hands_back_the_task_of_a_dead_owner_only(path: Path) -> None:
     try:
         task_id = submit(dead)
         claim(dead)
-        run(alive.recover(task_id, "host:9:ffff"))  # not its owner: nothing happens
+        run(alive.recover(HeldTask(task_id, "host:9:ffff", 1)))  # not its owner: nothing happens
         assert status(alive, task_id)["status"] == "running"
         assert status(alive, task_id)["attempts"] == 1
-        run(alive.recover(task_id, OWNER))
+        run(alive.recover(HeldTask(task_id, OWNER, 1)))
         shown = status(alive, task_id)
         assert shown["status"] == "pending"
         # Like an expired lease, at once: the attempt that died with its host counts.
@@ -364,7 +397,7 @@ def test_recover_hands_back_the_task_of_a_dead_owner_only(path: Path) -> None:
         again = claim(alive)
         assert again.id == task_id
         assert again.attempt == 2
-        run(alive.recover(task_id, OWNER))  # now the other owner's: nothing happens
+        run(alive.recover(HeldTask(task_id, OWNER, 1)))  # now the other owner's: nothing happens
         assert status(alive, task_id)["status"] == "running"
     finally:
         run(dead.close())
@@ -377,7 +410,7 @@ def test_recover_with_no_attempt_left_is_dead(path: Path) -> None:
     try:
         task_id = submit(dead, max_attempts=1)
         claim(dead)
-        run(alive.recover(task_id, OWNER))
+        run(alive.recover(HeldTask(task_id, OWNER, 1)))
         shown = status(alive, task_id)
         assert shown["status"] == "dead"
         assert shown["attempts"] == 1
@@ -396,7 +429,7 @@ def test_a_task_recover_sends_to_dead_has_finished_at(path: Path) -> None:
     try:
         task_id = submit(dead, max_attempts=1)
         claim(dead)
-        run(alive.recover(task_id, OWNER))
+        run(alive.recover(HeldTask(task_id, OWNER, 1)))
         shown = status(alive, task_id)
         assert shown["status"] == "dead"
         assert "finished_at" in shown
@@ -431,6 +464,136 @@ def test_list_filters_and_orders_newest_first(queue: EmbeddedQueue) -> None:
     claim(queue)
     assert [t["id"] for t in queue.list(status="running")] == [ids[0]]
     assert [t["id"] for t in queue.list(status="pending", task_type=ECHO)] == [ids[2], ids[1]]
+
+
+# -- when SQLite says no ----------------------------------------------------------------------
+
+NOBODY = 65534
+
+
+def writes(queue: EmbeddedQueue, task: ClaimedTask) -> dict[str, Callable[[], Any]]:
+    """Every call that writes, the port's and the API's, on a task that ``queue`` holds."""
+    return {
+        "claim": lambda: run(queue.claim([ECHO])),
+        "renew": lambda: run(queue.renew(task)),
+        "complete": lambda: run(queue.complete(task, finished(COMPLETED))),
+        "fail": lambda: run(queue.fail(task, finished(RETRIABLE), retry_in=1.0)),
+        "release": lambda: run(queue.release(task)),
+        "recover": lambda: run(queue.recover(HeldTask(task.id, OWNER, task.attempt))),
+        "heartbeat": lambda: run(queue.heartbeat(OWNER, "host-1")),
+        "forget": lambda: run(queue.forget(OWNER)),
+        "submit": lambda: queue.submit(ECHO, {"text": "more"}, max_attempts=3),
+        "retry": lambda: queue.retry(task.id),
+    }
+
+
+def refusals(calls: dict[str, Callable[[], Any]]) -> dict[str, str]:
+    """What each call raised: SourceUnavailable's message, or what else happened."""
+    said = {}
+    for name, call in calls.items():
+        try:
+            call()
+        except SourceUnavailable as exc:
+            said[name] = str(exc)
+        else:
+            said[name] = "no error"
+    return said
+
+
+def test_a_write_lock_held_past_the_timeout_is_source_unavailable_until_it_is_let_go(
+    queue: EmbeddedQueue, path: Path
+) -> None:
+    task_id = submit(queue)
+    task = claim(queue)
+    before = status(queue, task_id)
+    queue._db.execute("PRAGMA busy_timeout = 50")  # 30 s as shipped; 50 ms keeps this test fast
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process's write transaction, held past the timeout
+    try:
+        said = refusals(writes(queue, task))
+        # WAL mode: a writer does not block readers, so what reads still answers.
+        assert run(queue.health())["tasks"]["running"] == 1
+        assert status(queue, task_id) == before
+        assert [t.task_id for t in run(queue.held())] == [task_id]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    for name, message in said.items():
+        assert message.startswith(f"embedded queue {path}: "), (name, message)
+        assert "database is locked" in message, (name, message)
+    # Once the lock is let go the queue works again, and the refused calls changed nothing.
+    assert status(queue, task_id) == before
+    run(queue.renew(task))
+    run(queue.complete(task, finished(COMPLETED)))
+    assert status(queue, task_id)["status"] == "completed"
+    assert queue.submit(ECHO, {}, max_attempts=1)[1] is True
+
+
+@pytest.fixture
+def open_folder() -> Iterator[Path]:
+    """A folder that any user may enter (pytest's own are root's alone), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="workerhost-test-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+@contextmanager
+def not_as_root() -> Iterator[None]:
+    """File modes bind every user but root: as root, act as nobody meanwhile."""
+    if os.geteuid() != 0:
+        yield
+        return
+    run(asyncio.to_thread(int))  # the port's thread pool is imported now: nobody cannot read this Python
+    os.seteuid(NOBODY)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_a_read_only_database_file_refuses_every_write_and_says_where(open_folder: Path) -> None:
+    path = open_folder / "q.db"
+    made = EmbeddedQueue(path=path, owner=OWNER)
+    task_id = submit(made)
+    task = claim(made)
+    before = status(made, task_id)
+    run(made.close())
+    path.chmod(0o444)
+    open_folder.chmod(0o777)  # the folder lets anyone make the WAL files: only the database is read-only
+
+    with not_as_root():
+        queue = EmbeddedQueue(path=path, owner=OWNER)  # it opens: reading is allowed
+        try:
+            said = refusals(writes(queue, task))
+            shown = queue.get(task_id)
+            health = run(queue.health())
+        finally:
+            run(queue.close())
+
+    for name, message in said.items():
+        assert message.startswith(f"embedded queue {path}: "), (name, message)
+        assert "readonly database" in message, (name, message)
+    assert shown == before
+    assert health["tasks"]["running"] == 1
+
+
+@pytest.mark.parametrize("exists", [True, False], ids=["existing", "new"])
+def test_a_queue_in_a_read_only_folder_cannot_be_opened_and_says_where(open_folder: Path, exists: bool) -> None:
+    path = open_folder / "q.db"
+    if exists:
+        run(EmbeddedQueue(path=path, owner=OWNER).close())
+        path.chmod(0o666)  # the database itself is writable: its WAL files cannot be made beside it
+    open_folder.chmod(0o555)
+
+    with not_as_root(), pytest.raises(SourceUnavailable) as raised:
+        EmbeddedQueue(path=path, owner=OWNER)
+
+    assert str(raised.value).startswith(f"cannot open the embedded queue at {path}: "), raised.value
 
 
 # -- several processes on one file -----------------------------------------------------------

@@ -111,9 +111,12 @@ def main():
             sys.stdout.flush()
         sys.exit(int(params["code"]))
     elif do == "sleep":
+        # "again": how long to sleep on attempt 2 and later instead (a task that is slow only once).
+        attempt = task.get("attempt") or 1
+        seconds = params["again"] if attempt > 1 and "again" in params else params["seconds"]
         started = time.time()
-        time.sleep(float(params["seconds"]))
-        ok({"slept": params["seconds"], "started": started, "ended": time.time()})
+        time.sleep(float(seconds))
+        ok({"slept": seconds, "attempt": attempt, "started": started, "ended": time.time()})
     elif do == "close_stdout_and_sleep":
         sys.stdout.close()
         os.close(1)
