@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -21,12 +24,15 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runner import __version__
+from runner.errors import EngineError
 from runner.host import Host
 from runner.sources import SourceUnavailable
 from runner.sources.embedded import STATUSES, EmbeddedQueue
-from runner.telemetry import events
-from runner.telemetry.events import Event
+from runner.telemetry import context, events
 from runner.telemetry.metrics import Metrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TaskIn(BaseModel):
@@ -63,171 +69,215 @@ class ApiError(Exception):
         self.extra = extra
 
 
+router = APIRouter()
+
+
 def create_app(host: Host, metrics: Metrics, queue: EmbeddedQueue | None) -> FastAPI:
     """The API for one host; ``queue`` is None when tasks live in another system (PrismQ)."""
-    config = host.config
     app = FastAPI(
         title="workerhost",
         version=__version__,
         description="Run queued tasks, each in its own Docker container.",
     )
-    app.add_middleware(BodyLimit, limit=config.host.max_body)
+    app.state.host, app.state.metrics, app.state.queue = host, metrics, queue
+    app.add_middleware(BodyLimit, limit=host.config.host.max_body)
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    app.include_router(router)
+    return app
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+# -- dependencies -----------------------------------------------------------------------
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return JSONResponse({"error": "the body is not valid JSON"}, status_code=400)
-        details = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in errors]
-        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-        return JSONResponse({"error": f"invalid request: {summary}", "details": details}, status_code=422)
 
-    def tasks() -> EmbeddedQueue:
-        if queue is None:
-            raise ApiError(501, f"tasks live in the {config.task_manager.type} task manager; submit them there")
-        return queue
+def _host(request: Request) -> Host:
+    host: Host = request.app.state.host
+    return host
 
-    async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except SourceUnavailable as exc:
-            raise ApiError(503, str(exc)) from None
 
-    @app.post("/tasks", status_code=201, summary="Submit a task")
-    async def submit(body: TaskIn, request: Request, response: Response) -> dict[str, Any]:
-        worker = config.worker_for(body.type)
-        if worker is None:
-            raise ApiError(422, f"unknown task type {body.type!r}", known=config.task_types())
-        task_id = str(uuid.uuid4())
-        correlation_id = body.correlation_id or uuid.uuid4().hex
-        incoming = request.headers.get("traceparent") or body.traceparent
-        carrier = {"traceparent": incoming} if incoming else {}
-        # The tracing hook opens the submit span (continuing the caller's trace) and puts it in the carrier.
-        host.hooks.emit(Event(events.TASK_SUBMITTED, task_id=task_id, task_type=body.type,
-                              correlation_id=correlation_id, data={"carrier": carrier}))  # fmt: skip
-        task, created = await call(
-            tasks().submit,
-            body.type,
-            body.params,
-            max_attempts=worker.max_retries + 1,
-            priority=body.priority,
-            idempotency_key=body.idempotency_key,
-            correlation_id=correlation_id,
-            traceparent=carrier.get("traceparent"),
-            task_id=task_id,
-        )
-        if created:
-            host.wake()
-        elif (task["type"], task["params"]) != (body.type, body.params):
+def _queue(request: Request) -> EmbeddedQueue:
+    queue: EmbeddedQueue | None = request.app.state.queue
+    if queue is None:
+        kind = request.app.state.host.config.task_manager.type
+        raise ApiError(501, f"tasks live in the {kind} task manager; submit them there")
+    return queue
+
+
+HostDep = Annotated[Host, Depends(_host)]
+QueueDep = Annotated[EmbeddedQueue, Depends(_queue)]
+
+
+async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A queue call, off the event loop; the queue being unavailable is a 503."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except SourceUnavailable as exc:
+        raise ApiError(503, str(exc)) from None
+
+
+# -- tasks ------------------------------------------------------------------------------
+
+
+@router.post("/tasks", status_code=201, summary="Submit a task")
+async def submit(body: TaskIn, request: Request, response: Response, host: HostDep, queue: QueueDep) -> dict[str, Any]:
+    worker = host.config.worker_for(body.type)
+    if worker is None:
+        raise ApiError(422, f"unknown task type {body.type!r}", known=host.config.task_types())
+    start_ns = time.time_ns()
+    task_id = str(uuid.uuid4())
+    correlation_id = body.correlation_id or uuid.uuid4().hex
+    incoming = request.headers.get("traceparent") or body.traceparent
+    # The submit span's context when something traces (the span is recorded only once the task is
+    # stored); otherwise the caller's context goes on with the task as it came.
+    traceparent = host.hooks.span_context(incoming) or incoming
+    task, created = await _call(
+        queue.submit, body.type, body.params, max_attempts=worker.max_retries + 1, priority=body.priority,
+        idempotency_key=body.idempotency_key, correlation_id=correlation_id, traceparent=traceparent, task_id=task_id,
+    )  # fmt: skip
+    if not created:
+        if (task["type"], task["params"]) != (body.type, body.params):
             raise ApiError(
                 409, f"idempotency key {body.idempotency_key!r} already names task {task['id']} with other content"
             )
-        else:
-            response.status_code = 200
+        response.status_code = 200
         return dict(task)
+    host.wake()
+    host.hooks.emit(
+        events.TaskSubmitted(
+            task_id=task_id, task_type=body.type, correlation_id=correlation_id, traceparent=traceparent,
+            parent=incoming if context.parse(incoming) else None, start_ns=start_ns, end_ns=time.time_ns(),
+        )
+    )  # fmt: skip
+    return dict(task)
 
-    @app.get("/tasks/{task_id}", summary="One task: status, attempts, result or error")
-    async def get_task(task_id: str) -> dict[str, Any]:
-        task = await call(tasks().get, task_id)
-        if task is None:
-            raise ApiError(404, f"no task {task_id}")
-        return dict(task)
 
-    @app.get("/tasks", summary="Tasks, newest first")
-    async def list_tasks(
-        status: str | None = Query(default=None, description=f"one of {', '.join(STATUSES)}"),
-        type: str | None = Query(default=None, description="a task type"),
-        limit: int = Query(default=100, ge=1, le=1000),
-    ) -> list[dict[str, Any]]:
-        if status is not None and status not in STATUSES:
-            raise ApiError(422, f"unknown status {status!r}; expected one of: {', '.join(STATUSES)}")
-        found: list[dict[str, Any]] = await call(tasks().list, status, type, limit)
-        return found
+@router.get("/tasks/{task_id}", summary="One task: status, attempts, result or error")
+async def get_task(task_id: str, queue: QueueDep) -> dict[str, Any]:
+    task = await _call(queue.get, task_id)
+    if task is None:
+        raise ApiError(404, f"no task {task_id}")
+    return dict(task)
 
-    @app.post("/tasks/{task_id}/retry", summary="Send a failed or dead task back to the queue")
-    async def retry(task_id: str) -> dict[str, Any]:
-        task = await call(tasks().retry, task_id)
-        if task is None:
-            existing = await call(tasks().get, task_id)
-            if existing is None:
-                raise ApiError(404, f"no task {task_id}")
-            raise ApiError(409, f"task {task_id} is {existing['status']}; only failed or dead tasks can be retried")
-        host.wake()
-        return dict(task)
 
-    @app.get("/health", summary="Liveness: the loop, the engine and the source")
-    async def health() -> JSONResponse:
-        engine_error = await asyncio.to_thread(host.runner.ping)
-        host.engine_ok(engine_error)
+@router.get("/tasks", summary="Tasks, newest first")
+async def list_tasks(
+    queue: QueueDep,
+    status: str | None = Query(default=None, description=f"one of {', '.join(STATUSES)}"),
+    type: str | None = Query(default=None, description="a task type"),
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> list[dict[str, Any]]:
+    if status is not None and status not in STATUSES:
+        raise ApiError(422, f"unknown status {status!r}; expected one of: {', '.join(STATUSES)}")
+    return await _call(queue.list, status, type, limit)
+
+
+@router.post("/tasks/{task_id}/retry", summary="Send a failed or dead task back to the queue")
+async def retry(task_id: str, host: HostDep, queue: QueueDep) -> dict[str, Any]:
+    existing = await _call(queue.get, task_id)
+    if existing is None:
+        raise ApiError(404, f"no task {task_id}")
+    worker = host.config.worker_for(existing["type"])
+    max_attempts = worker.max_retries + 1 if worker is not None else None  # the worker's config as it is now
+    task = await _call(queue.retry, task_id, max_attempts)
+    if task is None:
+        raise ApiError(409, f"task {task_id} is {existing['status']}; only failed or dead tasks can be retried")
+    host.wake()
+    return dict(task)
+
+
+# -- the host ---------------------------------------------------------------------------
+
+
+@router.get("/health", summary="Liveness: the loop, the engine and the source")
+async def health(host: HostDep) -> JSONResponse:
+    """Reads only: asks the engine and the source now, and changes nothing in the host."""
+    engine_error = await asyncio.to_thread(host.runner.ping)
+    try:
+        source: dict[str, Any] = await host.source.health()
+    except SourceUnavailable as exc:
+        source = {"type": host.config.task_manager.type, "reachable": False, "error": str(exc)}
+    if host.source_error and source.get("reachable"):
+        source["last_error"] = host.source_error
+    engine: dict[str, Any] = {"reachable": engine_error is None}
+    if engine_error:
+        engine["error"] = engine_error
+    healthy = host.alive and engine_error is None and bool(source.get("reachable"))
+    body = {
+        "status": "ok" if healthy else ("degraded" if host.alive else "down"),
+        "host": {"id": host.config.host.id, "alive": host.alive, "stopping": host.stopping.is_set(),
+                 "in_flight": len(host.in_flight), "concurrency": host.config.host.concurrency},
+        "engine": engine,
+        "source": source,
+    }  # fmt: skip
+    return JSONResponse(body, status_code=200 if host.alive else 503)
+
+
+@router.get("/workers", summary="Every worker: image, limits, what runs now, recent outcomes")
+async def workers(host: HostDep) -> list[dict[str, Any]]:
+    return [await _worker(host, name) for name in host.workers]
+
+
+@router.get("/workers/{name}/health", summary="One worker's health")
+async def worker_health(name: str, host: HostDep) -> dict[str, Any]:
+    if name not in host.workers:
+        raise ApiError(404, f"no worker {name!r}", known=list(host.workers))
+    return await _worker(host, name)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics_text(request: Request) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    queue: EmbeddedQueue | None = request.app.state.queue
+    if queue is not None:
         try:
-            source: dict[str, Any] = await host.source.health()
+            counts = await asyncio.to_thread(queue.counts)
         except SourceUnavailable as exc:
-            source = {"type": config.task_manager.type, "reachable": False, "error": str(exc)}
-        if host.source_error and source.get("reachable"):
-            source["last_error"] = host.source_error
-        engine: dict[str, Any] = {"reachable": engine_error is None}
-        if engine_error:
-            engine["error"] = engine_error
-        healthy = host.alive and engine_error is None and bool(source.get("reachable"))
-        body = {
-            "status": "ok" if healthy else ("degraded" if host.alive else "down"),
-            "host": {"id": config.host.id, "alive": host.alive, "stopping": host.stopping.is_set(),
-                     "in_flight": len(host.in_flight), "concurrency": config.host.concurrency},
-            "engine": engine,
-            "source": source,
-        }  # fmt: skip
-        return JSONResponse(body, status_code=200 if host.alive else 503)
+            log.warning("metrics: queue depth not read: %s", exc)
+            counts = {}
+        for status, count in counts.items():
+            metrics.queue_depth.labels(status).set(count)
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/workers", summary="Every worker: image, limits, what runs now, recent outcomes")
-    async def workers() -> list[dict[str, Any]]:
-        return [await _worker(name) for name in host.workers]
 
-    @app.get("/workers/{name}/health", summary="One worker's health")
-    async def worker_health(name: str) -> dict[str, Any]:
-        if name not in host.workers:
-            raise ApiError(404, f"no worker {name!r}", known=list(host.workers))
-        return await _worker(name)
-
-    async def _worker(name: str) -> dict[str, Any]:
-        state = host.worker_health(name)
-        image = state["image"]
-        present, error = await asyncio.to_thread(_image_present, host, image)
-        state["image_present"] = present
-        state["engine_reachable"] = error is None
-        if error:
-            state["engine_error"] = error
-        recent = state["recent"]
-        failures = sum(1 for r in recent if r["outcome"] != "completed")
-        state["healthy"] = bool(present) and error is None and (len(recent) < 3 or failures < len(recent))
-        return state
-
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def metrics_text() -> Response:
-        if queue is not None:
-            try:
-                counts = await asyncio.to_thread(queue.counts)
-            except SourceUnavailable:
-                counts = {}
-            for status, count in counts.items():
-                metrics.queue_depth.labels(status).set(count)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return app
+async def _worker(host: Host, name: str) -> dict[str, Any]:
+    state = host.worker_health(name)
+    present, error = await asyncio.to_thread(_image_present, host, state["image"])
+    state["image_present"] = present
+    state["engine_reachable"] = error is None
+    if error:
+        state["engine_error"] = error
+    recent = state["recent"]
+    failures = sum(1 for r in recent if r["outcome"] != "completed")
+    state["healthy"] = bool(present) and error is None and (len(recent) < 3 or failures < len(recent))
+    return state
 
 
 def _image_present(host: Host, image: str) -> tuple[bool | None, str | None]:
     try:
         return host.runner.image_present(image), None
-    except Exception as exc:  # an engine error, as the runner words it
+    except EngineError as exc:  # reported in the answer, as the runner words it
         return None, str(exc)
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status)
+
+
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse({"error": "the body is not valid JSON"}, status_code=400)
+    details = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in errors]
+    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+    return JSONResponse({"error": f"invalid request: {summary}", "details": details}, status_code=422)
 
 
 class BodyLimit:

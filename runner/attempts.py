@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 from runner.config import WorkerConfig
-from runner.docker import Observer, RunResult
-from runner.protocol import Envelope, ErrorInfo, Outcome, Status, classify
+from runner.docker import RunResult
+from runner.protocol import Envelope, ErrorInfo, Outcome, Status
 from runner.retries import RetryPolicy
+from runner.sources import ClaimedTask, Finished, TaskSource
+from runner.task import Runner, Services, TaskRun
+from runner.telemetry.events import Hooks
 
 log = logging.getLogger(__name__)
-
-
-class Runner(Protocol):
-    """Runs one attempt of a task; ``DockerRunner`` is the real one."""
-
-    def run(self, worker: WorkerConfig, task: Envelope, observe: Observer | None = None) -> RunResult: ...
 
 
 @dataclass(frozen=True)
@@ -75,39 +73,59 @@ def run_task(
     task: Envelope,
     policy: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    hooks: Hooks | None = None,
 ) -> Report:
-    """Run ``task`` on ``worker`` until it completes or the policy stops retrying."""
-    policy = policy or RetryPolicy.for_worker(worker)
-    attempt = task.attempt
-    while True:
-        current = replace(task, attempt=attempt)
-        result = runner.run(worker, current)
-        outcome = classify(result.end)
-        _log_attempt(current, worker, outcome, result)
-        decision = policy.decide(outcome, attempt)
-        if not decision.retry:
-            return Report(current, outcome, attempt, result)
-        log.info(
-            "task %s: attempt %d failed (retriable), next attempt in %.2fs",
-            task.id,
-            attempt,
-            decision.delay,
+    """Run ``task`` on ``worker`` until it completes or the policy stops retrying.
+
+    Each attempt is the same ``TaskRun`` as in ``serve`` (runner/task.py), with the
+    same events, so ``hooks`` (tracing, say) see it as they see a served task.
+    """
+    if policy is not None:
+        worker = worker.model_copy(
+            update={"max_retries": policy.max_retries, "backoff": policy.backoff, "backoff_max": policy.backoff_max}
         )
-        sleep(decision.delay)
-        attempt += 1
+    source = OneTask(task)
+    services = Services(runner, source, hooks or Hooks())
+    while True:
+        claimed = source.claim_next()
+        unit = TaskRun(claimed, worker, services)
+        outcome = asyncio.run(unit())
+        assert outcome is not None  # OneTask never loses a lease nor takes a task back
+        current = replace(task, attempt=claimed.attempt)
+        _log_attempt(current, worker, outcome, unit.result.duration)
+        if source.retry_in is None:
+            return Report(current, outcome, claimed.attempt, unit.result)
+        log.info("task %s: attempt %d failed (retriable), next attempt in %.2fs", task.id, claimed.attempt,
+                 source.retry_in)  # fmt: skip
+        sleep(source.retry_in)
 
 
-def _log_attempt(task: Envelope, worker: WorkerConfig, outcome: Outcome, result: RunResult) -> None:
+class OneTask(TaskSource):
+    """The task of ``workerhost run`` as a source of one: attempts report to it, and it keeps the last word."""
+
+    def __init__(self, task: Envelope) -> None:
+        self.task = task
+        self.attempt = task.attempt - 1
+        self.last: Finished | None = None
+        self.retry_in: float | None = None
+
+    def claim_next(self) -> ClaimedTask:
+        self.attempt += 1
+        task = self.task
+        return ClaimedTask(task.id, task.type, task.params, self.attempt, task.correlation_id, task.traceparent)
+
+    async def complete(self, task: ClaimedTask, finished: Finished) -> None:
+        self.last, self.retry_in = finished, None
+
+    async def fail(self, task: ClaimedTask, finished: Finished, retry_in: float | None) -> None:
+        self.last, self.retry_in = finished, retry_in
+
+    async def health(self) -> dict[str, Any]:
+        return {"type": "run", "reachable": True}
+
+
+def _log_attempt(task: Envelope, worker: WorkerConfig, outcome: Outcome, duration: float) -> None:
     level = logging.INFO if outcome.ok else logging.WARNING
     error = f" {outcome.error}" if outcome.error else ""
-    log.log(
-        level,
-        "task %s (%s) attempt %d on %s: %s in %.3fs%s",
-        task.id,
-        task.type,
-        task.attempt,
-        worker.name,
-        outcome.status,
-        result.duration,
-        error,
-    )
+    log.log(level, "task %s (%s) attempt %d on %s: %s in %.3fs%s",
+            task.id, task.type, task.attempt, worker.name, outcome.status, duration, error)  # fmt: skip

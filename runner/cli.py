@@ -202,8 +202,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         report = Report(task, Outcome(Status.FAILED, retriable=True, error=ErrorInfo("EngineError", str(exc))), 0)
         log.error("%s", exc)
         return _print_report(report)
-    with DockerRunner(client, config.host.id) as runner:
-        report = run_task(runner, worker, task)
+    # Traced like serve when an OTLP endpoint is set (the same task unit emits the same events).
+    from runner.telemetry.events import Hooks
+    from runner.telemetry.tracing import Tracing
+
+    tracing = Tracing(config.telemetry)
+    try:
+        with DockerRunner(client, config.host.id) as runner:
+            report = run_task(runner, worker, task, hooks=Hooks([tracing], contexts=tracing.span_context))
+    finally:
+        tracing.shutdown()
     if not report.outcome.ok and report.last_run is not None:
         _show_stderr(report)
     return _print_report(report)

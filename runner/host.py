@@ -1,17 +1,22 @@
-"""The host loop: claim -> run -> report, with bounded concurrency, retries, drain and reaping.
+"""The host loop: claim while there is room, start each task's life, and drain on the way out.
 
 One asyncio loop claims tasks while there is room (``[host] concurrency`` in
 all, each worker's ``concurrency`` for its own types, so a slow worker cannot
-starve the others), runs each task's container in a thread, and reports the
-outcome back to the source. Delivery is at least once: a task is reported
-only after its container finished, so a host that dies before reporting
-leaves the task to run again (the embedded queue's lease expires; the next
-start reaps the orphan container and hands the task back at once).
+starve the others) and starts a ``TaskRun`` for each (runner/task.py: run,
+classify, retry or report). Delivery is at least once: a task is reported only
+after its container finished, so a host that dies before reporting leaves the
+task to run again.
 
-Shutdown: ``stop()`` (the first SIGTERM or SIGINT) stops claiming and waits
-up to ``[host] grace`` for tasks in flight, then kills their containers and
-hands their tasks back. A report to the source runs shielded from
-cancellation, so it is never cut in half.
+Side tasks run beside the loop, each named and watched: the heartbeat (when
+the source keeps a registry of processes) and the janitor (engine ping, then
+removing what dead processes left: their containers first, then their tasks).
+A side task that fails is logged and tried again at its next turn; one that
+ends for good stops the host, cleanly.
+
+Every way out of ``run`` (``stop()``, the end of a burst, an error in the loop,
+a cancellation) goes through the drain: no new claims; tasks in flight get
+``[host] grace`` to finish, then their containers are killed and their tasks
+handed back. A task whose container ended by itself is always reported.
 """
 
 from __future__ import annotations
@@ -19,71 +24,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import random
-import secrets
-import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import tenacity
-
-from runner.attempts import Runner, new_task
 from runner.config import Config, WorkerConfig
-from runner.docker import STDERR_TAIL, Observed, Observer, RunResult
+from runner.docker import Reaped
 from runner.errors import EngineError
-from runner.protocol import Envelope, ErrorInfo, Outcome, Status, classify
-from runner.retries import RetryPolicy
-from runner.sidechannel import Progress, WorkerSpan
+from runner.owners import Liveness, new_owner
+from runner.protocol import ErrorInfo, Outcome, Status
+from runner.retries import backoff
 from runner.sources import ClaimedTask, Finished, LeaseLost, SourceUnavailable, TaskSource
+from runner.task import Runner, Services, TaskRun
 from runner.telemetry import events
-from runner.telemetry.events import Event, Hooks
+from runner.telemetry.events import Hooks
 
 log = logging.getLogger(__name__)
 
 _RECENT = 20  # outcomes kept per worker for /workers/{name}/health
-_REPORT_TRIES = 8
+_KILL_WAIT = 60.0  # after the grace: how long killed containers get to be read and their tasks handed back
 
 
 class ContainerRunner(Runner, Protocol):
-    """What the host needs of the container runner (``DockerRunner``; a fake in unit tests)."""
-
-    def kill_task(self, task_id: str) -> int: ...
+    """What the host needs of the container runner beyond one task (``DockerRunner``; a fake in unit tests)."""
 
     def image_present(self, image: str) -> bool: ...
 
-    def reap(self, alive: Callable[[str], bool]) -> list[tuple[str, str]]: ...
+    def reap(self, dead: Callable[[str], bool]) -> Reaped: ...
 
     def ping(self) -> str | None: ...
 
     def close(self) -> None: ...
-
-
-def new_owner() -> str:
-    """A token for this process: host name, pid and a random part (``host:pid:abcd1234``)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-
-
-def owner_alive(owner: str) -> bool:
-    """Whether the process behind a lease token still runs (only decidable on this machine)."""
-    hostname, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if hostname != socket.gethostname() or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return False  # a token of ours that is not this instance's: an earlier process with our pid
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return False
-    # `workerhost serve`, or `python -m runner serve`
-    return b"workerhost" in cmdline or b"runner\x00serve" in cmdline
 
 
 @dataclass
@@ -93,13 +67,6 @@ class WorkerState:
     config: WorkerConfig
     in_flight: int = 0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=_RECENT))
-
-
-@dataclass
-class InFlight:
-    task: ClaimedTask
-    worker: WorkerState
-    aborted: bool = False
 
 
 class Host:
@@ -119,32 +86,45 @@ class Host:
         self.hooks = hooks or Hooks()
         self.owner = owner or new_owner()
         self.workers = {w.name: WorkerState(w) for w in config.workers}
-        self.in_flight: dict[str, InFlight] = {}
-        self.source_error: str | None = None
+        self.in_flight: dict[str, TaskRun] = {}
         self.engine_error: str | None = "not checked yet"  # so that the first answer is an event
         self.alive = False
         self.stopping = asyncio.Event()
+        self.liveness = Liveness(self.owner)
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(
             max_workers=config.host.concurrency + 4, thread_name_prefix="workerhost-task"
         )
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.services = Services(
+            runner, source, self.hooks, self._executor, on_outcome=self._record, on_retry=self._retry_scheduled
+        )
+        self._units: set[asyncio.Task[None]] = set()
+        self._side: dict[str, asyncio.Task[None]] = {}
         self._retries: dict[str, float] = {}  # task id -> when its retry is due (monotonic)
+
+    @property
+    def source_error(self) -> str | None:
+        """Why the source did not answer last time, or None."""
+        return self.services.health.error
 
     # -- public -----------------------------------------------------------------
 
     async def run(self, burst: bool = False) -> None:
         """Claim and run tasks until ``stop()``; with ``burst``, also when the queue is empty."""
         self.alive = True
-        janitor = None
         try:
-            await self._reap()
-            janitor = asyncio.create_task(self._janitor(), name="janitor")
+            await self._start_source()
+            if self.source.capabilities.registry:
+                await self._heartbeat()  # before any claim: siblings must know us before they see our leases
+                self._watch("heartbeat", self.source.heartbeat_every, self._heartbeat)
+            await self._tidy()  # before any claim: hand back what a dead predecessor left
+            self._watch("janitor", self.config.host.reap_interval, self._janitor)
             await self._claim_loop(burst)
-            await self._drain()
         finally:
-            if janitor is not None:
-                janitor.cancel()
+            self.stopping.set()
+            await self._drain()  # side tasks still running: the heartbeat must go on while containers do
+            await self._stop_side_tasks()
+            await self._forget()
             self.alive = False
             await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
@@ -171,34 +151,40 @@ class Host:
             "recent": list(state.recent),
         }
 
-    # -- the loop -----------------------------------------------------------------
+    def engine_ok(self, error: str | None) -> None:
+        """Record whether the engine answers (a ping's result), with an event when that changes."""
+        if (error is None) != (self.engine_error is None):
+            self.hooks.emit(events.EngineUp() if error is None else events.EngineDown(error=error))
+        self.engine_error = error
+
+    # -- the loop ---------------------------------------------------------------------
 
     async def _claim_loop(self, burst: bool) -> None:
-        idle = 0
-        source_failures = 0
+        idle = failures = 0
         while not self.stopping.is_set():
-            # Cleared before the claim, not after: a wake() while it is under way must count.
-            self._wake.clear()
+            self._wake.clear()  # before the claim, not after: a wake() while it is under way must count
             types = self._claimable_types()
             if not types:
                 await self._pause(self.config.host.poll_max)
                 continue
+            claim_started = time.time_ns()
             try:
-                claim_started = time.time_ns()
                 task = await self.source.claim(types)
-            except SourceUnavailable as exc:
-                source_failures += 1
-                self._source_down(str(exc))
-                await self._pause(_backoff(source_failures, cap=30.0))
+            except Exception as exc:  # SourceUnavailable, or an adapter's bug: the host keeps serving
+                failures += 1
+                if not isinstance(exc, SourceUnavailable):
+                    log.exception("the task source failed to claim (a bug in its adapter); backing off")
+                self.services.health.down(str(exc) or type(exc).__name__)
+                await self._pause(backoff(failures, base=0.5, cap=30.0))
                 continue
-            if source_failures:
-                source_failures = 0
-                self._source_up()
+            if failures:
+                failures = 0
+                self.services.health.up()
             if task is None:
                 if burst and not self.in_flight and not self._retries_pending():
                     return
                 idle += 1
-                await self._pause(_backoff(idle, cap=self.config.host.poll_max, base=0.05))
+                await self._pause(backoff(idle, base=0.05, cap=self.config.host.poll_max))
                 continue
             idle = 0
             self._start(task, claim_started)
@@ -224,240 +210,153 @@ class Host:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
-    def _start(self, task: ClaimedTask, claim_started: int = 0) -> None:
+    def _start(self, task: ClaimedTask, claim_started: int) -> None:
         self._retries.pop(task.id, None)
         worker = next((w for w in self.workers.values() if task.type in w.config.task_types), None)
         if worker is None:  # the source handed us a type we did not ask for
-            coro: Coroutine[Any, Any, None] = self._refuse(task)
-        else:
-            worker.in_flight += 1
-            self.in_flight[task.id] = InFlight(task, worker)
-            coro = self._handle(self.in_flight[task.id], claim_started)
-        handle = asyncio.create_task(coro, name=f"task-{task.id}")
-        self._tasks.add(handle)
-        handle.add_done_callback(self._tasks.discard)
+            self._spawn(self._refuse(task), f"refuse-{task.id}")
+            return
+        unit = TaskRun(task, worker.config, self.services, claim_started)
+        worker.in_flight += 1
+        self.in_flight[task.id] = unit
 
-    async def _handle(self, flight: InFlight, claim_started: int = 0) -> None:
-        task, worker = flight.task, flight.worker.config
-        envelope = self._envelope(task)
-        emit = self._emitter(Event("", task.id, task.type, worker.name, task.attempt, envelope.correlation_id))
-        emit(events.TASK_RECEIVED, _traceparent=task.traceparent, claim_started_ns=claim_started or None)
-        try:
-            carrier: dict[str, str] = {}
-            limits = {"cpus": worker.cpus, "memory": worker.memory, "pids": worker.pids_limit,
-                      "timeout": worker.timeout, "network": worker.network, "runtime": worker.runtime}  # fmt: skip
-            emit(events.ATTEMPT_STARTED, _traceparent=task.traceparent, image=worker.image, limits=limits,
-                 carrier=carrier)  # fmt: skip
-            # The tracing hook put the attempt's span context in the carrier: the container continues it.
-            envelope = replace(envelope, traceparent=carrier.get("traceparent") or envelope.traceparent)
-            emit = self._emitter(
-                Event("", task.id, task.type, worker.name, task.attempt, envelope.correlation_id,
-                      traceparent=envelope.traceparent)
-            )  # fmt: skip
-            renewer = asyncio.create_task(self._renew(task))
+        async def life() -> None:
             try:
-                loop = asyncio.get_running_loop()
-                observe = self._observer(loop, task, emit)
-                result = await loop.run_in_executor(self._executor, self._run, worker, envelope, observe)
+                await unit()
             finally:
-                renewer.cancel()
-            outcome = classify(result.end)
-            error = str(outcome.error) if outcome.error else None
-            emit(
-                events.ATTEMPT_FINISHED, outcome=_outcome_label(outcome), exit_code=outcome.exit_code,
-                oom_killed=result.end.oom_killed, error=error, duration=result.duration,
-                start_latency=result.start_latency, container_id=result.container_id, image_id=result.image_id,
-                stdin_bytes=result.stdin_bytes, stdout_bytes=len(result.end.stdout),
-                stderr_bytes=result.stderr_bytes, phases=result.phases, side_channel=result.side_channel_problems,
-            )  # fmt: skip
-            if flight.aborted:
-                await asyncio.shield(self.source.release(task))
-                emit(events.TASK_RELEASED)
-                return
-            await self._report(flight, result, outcome, emit)
-        except LeaseLost as exc:
-            emit(events.LEASE_LOST, error=str(exc))
-        except Exception:
-            log.exception("task %s: the host failed to handle it; its lease will expire and it will run again", task.id)
-        finally:
-            flight.worker.in_flight -= 1
-            self.in_flight.pop(task.id, None)
-            self._wake.set()
+                worker.in_flight -= 1
+                self.in_flight.pop(task.id, None)
+                self._wake.set()
 
-    def _run(self, worker: WorkerConfig, envelope: Envelope, observe: Observer) -> RunResult:
-        return self.runner.run(worker, envelope, observe=observe)
+        self._spawn(life(), f"task-{task.id}")
 
-    def _observer(self, loop: asyncio.AbstractEventLoop, task: ClaimedTask, emit: Callable[..., None]) -> Observer:
-        """What the runner sees live (in its thread), turned into events on the loop."""
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        handle: asyncio.Task[None] = asyncio.ensure_future(coro)
+        handle.set_name(name)
+        self._units.add(handle)
+        handle.add_done_callback(self._unit_done)
 
-        def on_loop(item: Observed) -> None:
-            if isinstance(item, str):
-                emit(events.WORKER_LOG, line=item)
-            elif isinstance(item, WorkerSpan):
-                emit(events.WORKER_SPAN, span=item)
-            elif isinstance(item, Progress):
-                emit(events.TASK_PROGRESS, percent=item.percent, message=item.message)
-                self._forward_progress(task, item)
-            else:
-                name = events.CONTAINER_CREATED if item.kind == "created" else events.CONTAINER_REMOVED
-                emit(name, container_id=item.container_id)
-
-        def observe(item: Observed) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone (a forced exit)
-                loop.call_soon_threadsafe(on_loop, item)
-
-        return observe
-
-    def _forward_progress(self, task: ClaimedTask, progress: Progress) -> None:
-        """Tell a source that keeps progress (PrismQ); never waited for, never fatal."""
-        forward = getattr(self.source, "progress", None)
-        if forward is None:
-            return
-
-        async def send() -> None:
-            with contextlib.suppress(Exception):
-                await forward(task, progress.percent, progress.message)
-
-        handle = asyncio.create_task(send())
-        self._tasks.add(handle)
-        handle.add_done_callback(self._tasks.discard)
-
-    async def _report(self, flight: InFlight, result: RunResult, outcome: Outcome, emit: Callable[..., None]) -> None:
-        task, worker = flight.task, flight.worker
-        finished = Finished(
-            outcome, worker.config.name, result.image_id,
-            result.end.stderr_tail[-STDERR_TAIL:].decode("utf-8", "replace"), result.duration,
-        )  # fmt: skip
-        worker.recent.append(
-            {"task_id": task.id, "outcome": _outcome_label(outcome), "at": time.time(), "duration": result.duration}
-        )
-        if outcome.ok:
-            await self._settle(lambda: self.source.complete(task, finished))
-            emit(events.TASK_COMPLETED)
-            return
-        error = str(outcome.error or ErrorInfo("Unknown", "no error was reported"))
-        if self.source.retries_by_source:
-            await self._settle(lambda: self.source.fail(task, finished, None))
-            emit(events.TASK_RETURNED, outcome=_outcome_label(outcome), error=error)
-            return
-        decision = RetryPolicy.for_worker(worker.config).decide(outcome, task.attempt)
-        retry_in = decision.delay if decision.retry else None
-        await self._settle(lambda: self.source.fail(task, finished, retry_in))
-        if decision.retry:
-            self._retries[task.id] = time.monotonic() + decision.delay
-            emit(events.TASK_RETRYING, delay=round(decision.delay, 3), error=error)
-        else:
-            emit(events.TASK_FAILED, outcome=_outcome_label(outcome), error=error)
-
-    async def _settle(self, report: Callable[[], Awaitable[None]]) -> None:
-        """Report to the source, shielded from cancellation, retried while the source is down."""
-        retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(_REPORT_TRIES),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=10),
-            retry=tenacity.retry_if_exception_type(SourceUnavailable),
-            before_sleep=lambda state: self._source_down(str(state.outcome.exception() if state.outcome else "")),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                await asyncio.shield(report())
-        self._source_up()
-
-    async def _renew(self, task: ClaimedTask) -> None:
-        """Renew the task's lease while its container runs (a third of the lease, each time)."""
-        period = max(1.0, getattr(self.config.task_manager, "lease", 30.0) / 3)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self.source.renew(task)
-                self._source_up()
-            except LeaseLost as exc:
-                log.warning("task %s: %s", task.id, exc)
-                return
-            except SourceUnavailable as exc:
-                self._source_down(str(exc))
+    def _unit_done(self, handle: asyncio.Task[None]) -> None:
+        self._units.discard(handle)
+        if not handle.cancelled() and handle.exception() is not None:
+            # TaskRun turns every failure into an outcome; this is a bug, and the task's lease will expire.
+            log.error("%s ended with an error; its lease will expire and it will run again",
+                      handle.get_name(), exc_info=handle.exception())  # fmt: skip
 
     async def _refuse(self, task: ClaimedTask) -> None:
         outcome = Outcome(Status.FAILED, error=ErrorInfo("UnknownTaskType", f"no worker handles {task.type!r}"))
-        with contextlib.suppress(SourceUnavailable, LeaseLost):
-            await asyncio.shield(self.source.fail(task, Finished(outcome, ""), None))
-
-    # -- start and stop -------------------------------------------------------------
-
-    async def _reap(self) -> None:
-        """Remove containers a dead instance of this host left, and hand their tasks back."""
-        loop = asyncio.get_running_loop()
         try:
-            reaped = await loop.run_in_executor(self._executor, self.runner.reap, owner_alive)
-        except EngineError as exc:
-            log.warning("could not look for orphan containers: %s", exc)
+            await asyncio.shield(self.source.fail(task, Finished(outcome, ""), None))
+        except (SourceUnavailable, LeaseLost) as exc:
+            log.warning("task %s of unknown type %r: could not fail it: %s", task.id, task.type, exc)
+
+    def _record(self, worker: str, record: dict[str, Any]) -> None:
+        self.workers[worker].recent.append(record)
+
+    def _retry_scheduled(self, task_id: str, delay: float) -> None:
+        self._retries[task_id] = time.monotonic() + delay
+
+    # -- side tasks ---------------------------------------------------------------------
+
+    def _watch(self, name: str, every: float, job: Callable[[], Awaitable[None]]) -> None:
+        """Run ``job`` every ``every`` seconds beside the loop, as a named, watched side task."""
+
+        async def turns() -> None:
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    await job()
+                except Exception:
+                    log.exception("side task %s failed; it runs again in %gs", name, every)
+
+        def ended(handle: asyncio.Task[None]) -> None:
+            if not handle.cancelled() and not self.stopping.is_set():
+                log.error("side task %s ended (%r); stopping the host", name, handle.exception())
+                self.stop()
+
+        handle = asyncio.create_task(turns(), name=name)
+        handle.add_done_callback(ended)
+        self._side[name] = handle
+
+    async def _stop_side_tasks(self) -> None:
+        for handle in self._side.values():
+            handle.cancel()
+        await asyncio.gather(*self._side.values(), return_exceptions=True)
+        self._side.clear()
+
+    async def _start_source(self) -> None:
+        try:
+            await self.source.start()
+        except SourceUnavailable as exc:  # the loop tries again with backoff at its claims
+            log.warning("task source not ready: %s", exc)
+            self.services.health.down(str(exc))
+
+    async def _heartbeat(self) -> None:
+        try:
+            await self.source.heartbeat(self.owner, self.config.host.id)
+        except SourceUnavailable as exc:
+            self.services.health.down(str(exc))
+
+    async def _forget(self) -> None:
+        if not self.source.capabilities.registry:
             return
-        for task_id, owner in reaped:
-            log.warning("reaped an orphan container of task %s (left by %s); handing the task back", task_id, owner)
-            if task_id:
-                with contextlib.suppress(SourceUnavailable):
-                    await self.source.recover(task_id, owner)
+        try:
+            await self.source.forget(self.owner)
+        except SourceUnavailable as exc:
+            log.warning("could not leave the registry of processes (%s); siblings will see the heartbeat expire", exc)
 
     async def _janitor(self) -> None:
-        """From time to time: see whether the engine answers, and reap what removals missed."""
         loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.config.host.reap_interval)
-            self.engine_ok(await loop.run_in_executor(self._executor, self.runner.ping))
-            await self._reap()
+        self.engine_ok(await loop.run_in_executor(self._executor, self.runner.ping))
+        await self._tidy()
 
-    def engine_ok(self, error: str | None) -> None:
-        """Record whether the engine answers (a ping's result), with an event when that changes."""
-        if (error is None) != (self.engine_error is None):
-            self.hooks.emit(Event(events.ENGINE_UP if error is None else events.ENGINE_DOWN, data={"error": error}))
-        self.engine_error = error
+    async def _tidy(self) -> None:
+        """Remove what dead processes left: their containers, then hand their tasks back.
+
+        Only owners known to be dead (runner/owners.py) and of this host id: another
+        host's tasks may still have containers somewhere that we cannot see.
+        """
+        loop = asyncio.get_running_loop()
+        registry = self.source.capabilities.registry
+        try:
+            if registry:
+                self.liveness.update(await self.source.owners())
+            reaped = await loop.run_in_executor(self._executor, self.runner.reap, self.liveness.dead)
+        except (EngineError, SourceUnavailable) as exc:
+            log.warning("could not look for what dead processes left: %s", exc)
+            return
+        for orphan in reaped.removed:
+            log.warning("removed a container of task %s left by %s (no longer running)",
+                        orphan.task_id or "?", orphan.owner or "an unknown process")  # fmt: skip
+        if not registry:
+            return
+        try:
+            for held in await self.source.held():
+                mine = self.liveness.host_of(held.owner) == self.config.host.id
+                if held.task_id in reaped.kept or not mine or not self.liveness.dead(held.owner):
+                    continue
+                log.warning("task %s: its process %s died while it ran; handing it back", held.task_id, held.owner)
+                await self.source.recover(held)
+        except SourceUnavailable as exc:
+            log.warning("could not hand back the tasks of dead processes: %s", exc)
+
+    # -- the way out ----------------------------------------------------------------------
 
     async def _drain(self) -> None:
-        if not self._tasks:
+        """Give tasks in flight the grace to finish, then kill their containers and hand them back."""
+        if not self._units:
             return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.host.grace)
+        _, pending = await asyncio.wait(set(self._units), timeout=self.config.host.grace)
         if not pending:
             return
         log.warning("grace period over: killing %d containers and handing their tasks back", len(self.in_flight))
         loop = asyncio.get_running_loop()
-        for flight in list(self.in_flight.values()):
-            flight.aborted = True
-            with contextlib.suppress(EngineError):
-                await loop.run_in_executor(None, self.runner.kill_task, flight.task.id)
-        await asyncio.wait(pending, timeout=60)
-
-    # -- helpers --------------------------------------------------------------------
-
-    def _envelope(self, task: ClaimedTask) -> Envelope:
-        fresh = new_task(task.type, task.params, task.correlation_id)  # new ids where the task has none
-        return replace(fresh, id=task.id, attempt=task.attempt, traceparent=task.traceparent or fresh.traceparent)
-
-    def _emitter(self, base: Event) -> Callable[..., None]:
-        """Emits events that carry ``base``'s task keys (``_traceparent=`` overrides its trace context)."""
-
-        def emit(name: str, _traceparent: str | None = None, **data: Any) -> None:
-            traceparent = _traceparent if _traceparent is not None else base.traceparent
-            self.hooks.emit(replace(base, name=name, data=data, traceparent=traceparent))
-
-        return emit
-
-    def _source_down(self, error: str) -> None:
-        if self.source_error is None:
-            self.hooks.emit(Event(events.SOURCE_DOWN, data={"error": error}))
-        self.source_error = error
-
-    def _source_up(self) -> None:
-        if self.source_error is not None:
-            self.source_error = None
-            self.hooks.emit(Event(events.SOURCE_UP))
-
-
-def _outcome_label(outcome: Outcome) -> str:
-    """completed, failed or timeout."""
-    return str(outcome.status)
-
-
-def _backoff(failures: int, cap: float, base: float = 0.5) -> float:
-    """Exponential with full jitter, so that idle hosts do not poll in step."""
-    ceiling = min(cap, base * 2 ** min(failures, 16))
-    return random.uniform(ceiling / 2, ceiling)
+        for task_id in list(self.in_flight):
+            try:
+                await loop.run_in_executor(None, self.runner.cancel, task_id)
+            except EngineError as exc:
+                log.warning("task %s: could not kill its container: %s", task_id, exc)
+        _, pending = await asyncio.wait(pending, timeout=_KILL_WAIT)
+        if pending:
+            log.error("%d tasks did not end %gs after their containers were killed; their leases will expire",
+                      len(pending), _KILL_WAIT)  # fmt: skip

@@ -23,9 +23,10 @@ from runner.api import create_app
 from runner.config import Config
 from runner.docker import DockerRunner, connect
 from runner.doctor import require_runtimes
-from runner.errors import WorkerhostError
-from runner.host import Host, new_owner
-from runner.sources import SourceUnavailable, TaskSource
+from runner.errors import EngineError, WorkerhostError
+from runner.host import Host
+from runner.owners import new_owner
+from runner.sources import TaskSource
 from runner.sources.embedded import EmbeddedQueue
 from runner.telemetry.events import Hook, Hooks, log_hook
 from runner.telemetry.metrics import Metrics
@@ -40,8 +41,10 @@ def open_source(config: Config, owner: str) -> tuple[TaskSource, EmbeddedQueue |
     if manager.type == "embedded":
         queue = EmbeddedQueue(manager.path, owner=owner, lease=manager.lease)
         return queue, queue
-    from runner.sources.http import HttpTaskSource
+    from runner.sources.http import HttpTaskSource, check_timeouts
 
+    for warning in check_timeouts(manager, config.workers):
+        log.warning("%s", warning)
     return HttpTaskSource(manager, config.host.id, config.task_types()), None
 
 
@@ -57,43 +60,63 @@ class _Server(uvicorn.Server):
 
 
 async def serve(config: Config, burst: bool = False) -> int:
-    """Run the host and its API until a signal (or, with ``burst``, until the queue is empty)."""
-    listener = _listen(config.host.http)  # first, so that a taken port stops us before any claim
-    owner = new_owner()
-    source, queue = open_source(config, owner)
-    await _start_source(config, source)
-    runner = DockerRunner(connect(check=False), config.host.id, owner)
-    require_runtimes(config, runner)  # a strict worker the engine cannot run: say so now, not task by task
-    metrics = Metrics()
-    tracing = Tracing(config.telemetry)
-    # Tracing first: it puts the trace context into events that the log hook then shows.
-    hooks = Hooks([tracing, log_hook, metrics, *load_hooks(config.telemetry.hooks)])
-    host = Host(config, source, runner, hooks, owner=owner)
-    host.engine_ok(_warn_about_images(config, runner))
-    app = create_app(host, metrics, queue)
-    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
-    api = asyncio.create_task(server.serve(sockets=[listener]), name="api")
-    signals = _SignalHandler(host)
-    signals.install()
-    log.info("workerhost serve: host %s, %d workers, %s source, API on http://%s",
-             config.host.id, len(config.workers), config.task_manager.type, config.host.http)  # fmt: skip
-    try:
+    """Run the host and its API until a signal (or, with ``burst``, until the queue is empty).
+
+    Everything opened here is closed on every way out, a failed start-up check
+    included: each resource joins the exit stack the moment it exists.
+    """
+    async with contextlib.AsyncExitStack() as opened:
+        listener = _listen(config.host.http)  # first, so that a taken port stops us before any claim
+        opened.callback(listener.close)
+        owner = new_owner()
+        source, queue = open_source(config, owner)
+        opened.push_async_callback(source.close)
+        client = connect(check=False)
+        opened.callback(client.close)
+        runner = DockerRunner(client, config.host.id, owner)
+        opened.callback(runner.close)
+        tracing = Tracing(config.telemetry)
+        opened.callback(tracing.shutdown)
+        require_runtimes(config, runner)  # a strict worker the engine cannot run: say so now, not task by task
+        metrics = Metrics()
+        # User hooks last: logs and metrics are in place whatever a user's hook does.
+        user_hooks = load_hooks(config.telemetry.hooks)
+        hooks = Hooks([tracing, log_hook, metrics, *user_hooks], contexts=tracing.span_context)
+        host = Host(config, source, runner, hooks, owner=owner)
+        host.engine_ok(_warn_about_images(config, runner))
+        server = _Server(uvicorn.Config(create_app(host, metrics, queue), log_level="warning", access_log=False,
+                                        lifespan="off"))  # fmt: skip
+        api = asyncio.create_task(server.serve(sockets=[listener]), name="api")
+        opened.push_async_callback(_stop_api, server, api)
+        signals = _SignalHandler(host)
+        signals.install()
+        opened.callback(signals.uninstall)
+        log.info("workerhost serve: host %s, %d workers, %s source, API on http://%s",
+                 config.host.id, len(config.workers), config.task_manager.type, config.host.http)  # fmt: skip
         loop_task = asyncio.create_task(host.run(burst=burst), name="host")
         done, _ = await asyncio.wait({loop_task, api}, return_when=asyncio.FIRST_COMPLETED)
         if api in done and not loop_task.done():
-            host.stop()  # the API died: a host nobody can reach stops too (the error is raised below)
+            log.error(
+                "the API stopped (%r); stopping the host", api.exception() if not api.cancelled() else "cancelled"
+            )
+            host.stop()  # a host nobody can reach stops too (the API's error is raised below)
         await loop_task
-    finally:
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(api, 5)
-        signals.uninstall()
-        await source.close()
-        runner.close()
-        tracing.shutdown()
-    if api.done() and not api.cancelled() and api.exception() is not None:
-        raise api.exception()  # type: ignore[misc]
+        if api.done() and not api.cancelled() and api.exception() is not None:
+            raise api.exception()  # type: ignore[misc]
     return 0
+
+
+async def _stop_api(server: uvicorn.Server, api: asyncio.Task[None]) -> None:
+    if api.done():  # it stopped by itself: serve() has logged and raises its error
+        return
+    server.should_exit = True
+    try:
+        await asyncio.wait_for(asyncio.shield(api), 5)
+    except TimeoutError:
+        log.warning("the API did not stop within 5s; cancelling it")
+        api.cancel()
+    except Exception:
+        log.exception("the API failed while stopping")
 
 
 def _listen(address: str) -> socket.socket:
@@ -140,24 +163,6 @@ class _SignalHandler:
         os._exit(128 + sig.value)
 
 
-async def _start_source(config: Config, source: TaskSource) -> None:
-    """Prepare a source that needs it (PrismQ: resolve task type ids); never fatal."""
-    if config.task_manager.type != "http":
-        return
-    from runner.sources.http import check_timeouts
-
-    for warning in check_timeouts(config.task_manager, config.workers):
-        log.warning("%s", warning)
-    start = getattr(source, "start", None)
-    if start is None:
-        return
-    try:
-        await start()
-    except SourceUnavailable as exc:
-        # The adapter tries again on its first claim; the loop backs off meanwhile.
-        log.warning("task source not ready: %s", exc)
-
-
 def load_hooks(paths: list[str]) -> list[Hook]:
     """User hooks from ``[telemetry] hooks``: "package.module:function" (or "package.module.function")."""
     hooks = []
@@ -184,6 +189,6 @@ def _warn_about_images(config: Config, runner: DockerRunner) -> str | None:
             if not runner.image_present(worker.image):
                 log.warning("worker %s: image %s is missing; build it with `make build-images`",
                             worker.name, worker.image)  # fmt: skip
-        except Exception as exc:
+        except EngineError as exc:
             log.warning("worker %s: cannot check image %s: %s", worker.name, worker.image, exc)
     return None

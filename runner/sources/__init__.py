@@ -5,13 +5,19 @@ folder (``embedded.py``, ``http.py``) that translates its driver's errors into
 ``SourceUnavailable`` (try the source again later) and ``LeaseLost`` (the task
 is no longer ours). The port fits a queue with leases (SQLite), an HTTP API
 with claims, and message brokers with ack/nack and redelivery.
+
+A source says what it can do in ``capabilities`` instead of the host probing
+for methods: whether and how often it renews a claim, whether it owns retries,
+whether it takes progress, whether a task can be handed back, whether it keeps
+a registry of the processes that hold its tasks. What a source cannot do, its
+method does nothing (the base class's default), and the host does not call it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from runner.errors import WorkerhostError
 from runner.protocol import Outcome
@@ -26,6 +32,27 @@ class LeaseLost(WorkerhostError):
 
 
 @dataclass(frozen=True)
+class Capabilities:
+    """What a source can do; the host acts on these, never on the source's type."""
+
+    # Seconds between lease renewals while a container runs; None: claims cannot be
+    # renewed (they expire on the source's own clock), so the host never calls renew().
+    renew_every: float | None = None
+    # The source re-queues a failed task by its own rules (PrismQ's TaskManager):
+    # the host reports every failure with retry_in=None and does not retry itself.
+    owns_retries: bool = False
+    # progress() forwards a worker's progress to the source.
+    progress: bool = False
+    # heartbeat(), owners(), held() and recover(): the source keeps a registry of the
+    # processes that hold its tasks, so that a sibling can tell a dead one from a live
+    # one and hand a dead one's tasks back at once (otherwise their claims just expire).
+    registry: bool = False
+    # Whether a claim says how many attempts the task may have (ClaimedTask.max_attempts),
+    # so that the host knows the final attempt even where the source owns retries.
+    knows_final_attempt: bool = False
+
+
+@dataclass(frozen=True)
 class ClaimedTask:
     """A task this host holds, as the source handed it over."""
 
@@ -35,6 +62,9 @@ class ClaimedTask:
     attempt: int  # this attempt's number, 1 for the first
     correlation_id: str | None = None
     traceparent: str | None = None
+    # The most attempts the task may have, as the source records it (the embedded queue
+    # keeps it with the task; None: the worker's max_retries + 1 decides).
+    max_attempts: int | None = None
     # Whatever the backend needs to settle the task (a lease token, a delivery tag).
     receipt: Any = field(default=None, compare=False)
 
@@ -50,42 +80,80 @@ class Finished:
     duration: float = 0.0
 
 
-class TaskSource(Protocol):
-    """The port between the host loop and a backend."""
+@dataclass(frozen=True)
+class Owner:
+    """A process in a source's registry, as its last heartbeat left it."""
 
-    # True when the backend re-queues a failed task by its own rules (PrismQ's
-    # TaskManager): the host then reports every failure as final and leaves
-    # retries to it, so that they do not multiply.
-    retries_by_source: bool
+    token: str
+    host_id: str
+    expired: bool  # its heartbeat is older than the time it promised the next one by
+
+
+@dataclass(frozen=True)
+class HeldTask:
+    """A running task and the process that holds it."""
+
+    task_id: str
+    owner: str
+    attempt: int
+
+
+class TaskSource:
+    """The port between the host loop and a backend.
+
+    ``claim``, ``complete``, ``fail``, ``health`` and ``close`` are required;
+    the rest are optional capabilities (see ``Capabilities``) whose defaults do
+    nothing.
+    """
+
+    capabilities = Capabilities()
+    heartbeat_every: float = 10.0  # with a registry: how often the host calls heartbeat()
+
+    async def start(self) -> None:
+        """Prepare before the first claim (resolve ids, register); raise SourceUnavailable to be retried."""
 
     async def claim(self, task_types: Collection[str]) -> ClaimedTask | None:
         """Take one task of these types, or None when none is ready."""
-        ...
+        raise NotImplementedError
 
     async def renew(self, task: ClaimedTask) -> None:
         """Extend the task's lease while its container runs; raise LeaseLost if it moved on."""
-        ...
 
     async def complete(self, task: ClaimedTask, finished: Finished) -> None:
         """The task completed; record its result."""
-        ...
+        raise NotImplementedError
 
     async def fail(self, task: ClaimedTask, finished: Finished, retry_in: float | None) -> None:
         """The attempt failed: try again after ``retry_in`` seconds, or, when None, this is final."""
-        ...
+        raise NotImplementedError
+
+    async def progress(self, task: ClaimedTask, percent: float, message: str | None) -> None:
+        """Tell the source how far the task got (0..100)."""
 
     async def release(self, task: ClaimedTask) -> None:
         """Hand the task back unfinished (shutdown); the attempt does not count."""
-        ...
 
-    async def recover(self, task_id: str, owner: str) -> None:
-        """Hand back a task that a dead instance of this host (``owner``) left running."""
-        ...
+    async def recover(self, held: HeldTask) -> None:
+        """Hand back a task that a dead process left running; the attempt counts."""
+
+    async def heartbeat(self, owner: str, host_id: str) -> None:
+        """Say that ``owner`` (this process) is alive, and will say so again within the source's
+        ``heartbeat_ttl``; past that, its siblings take it for dead."""
+
+    async def forget(self, owner: str) -> None:
+        """``owner`` stops cleanly: remove it from the registry."""
+
+    async def owners(self) -> list[Owner]:
+        """Every process in the registry."""
+        return []
+
+    async def held(self) -> list[HeldTask]:
+        """Every task held (running) now, with its holder."""
+        return []
 
     async def health(self) -> dict[str, Any]:
         """What the source says of itself; raise SourceUnavailable when it does not answer."""
-        ...
+        raise NotImplementedError
 
     async def close(self) -> None:
         """Release connections."""
-        ...

@@ -26,7 +26,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runner.sources import ClaimedTask, Finished, LeaseLost, SourceUnavailable
+from runner.sources import (
+    Capabilities,
+    ClaimedTask,
+    Finished,
+    HeldTask,
+    LeaseLost,
+    Owner,
+    SourceUnavailable,
+    TaskSource,
+)
 
 T = TypeVar("T")
 
@@ -63,18 +72,31 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_claim ON tasks (status, type, run_at);
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at);
+CREATE TABLE IF NOT EXISTS owners (
+    owner      TEXT PRIMARY KEY,
+    host_id    TEXT NOT NULL,
+    seen_at    REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
+_FORGET_AFTER = 86400.0  # registry rows of processes silent this long are dropped
 
 
-class EmbeddedQueue:
-    """The SQLite task source, plus what the HTTP API needs: submit, get, list, retry."""
+class EmbeddedQueue(TaskSource):
+    """The SQLite task source, plus what the HTTP API needs: submit, get, list, retry.
 
-    retries_by_source = False  # the host decides retries and their delay
+    Each task records its ``max_attempts`` (set at submit, and again at retry,
+    from the worker's ``max_retries``); the host's retry decisions follow it.
+    Processes that hold tasks heartbeat into the ``owners`` table every third of
+    a lease, promising the next beat within a lease.
+    """
 
     def __init__(self, path: str | Path, owner: str, lease: float = 30.0) -> None:
         self.path = Path(path)
         self.owner = owner  # this process's lease token
         self.lease = lease
+        self.capabilities = Capabilities(renew_every=lease / 3, registry=True, knows_final_attempt=True)
+        self.heartbeat_every = lease / 3
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +125,20 @@ class EmbeddedQueue:
     async def release(self, task: ClaimedTask) -> None:
         await self._async(self._release, task.id, self.owner)
 
-    async def recover(self, task_id: str, owner: str) -> None:
-        await self._async(self._recover, task_id, owner)
+    async def recover(self, held: HeldTask) -> None:
+        await self._async(self._recover, held)
+
+    async def heartbeat(self, owner: str, host_id: str) -> None:
+        await self._async(self._heartbeat, owner, host_id)
+
+    async def forget(self, owner: str) -> None:
+        await self._async(self._forget, owner)
+
+    async def owners(self) -> list[Owner]:
+        return await self._async(self._owners)
+
+    async def held(self) -> list[HeldTask]:
+        return await self._async(self._held)
 
     async def health(self) -> dict[str, Any]:
         counts = await self._async(self.counts)
@@ -155,6 +189,7 @@ class EmbeddedQueue:
             attempt=claimed["attempts"],
             correlation_id=claimed["correlation_id"],
             traceparent=claimed["traceparent"],
+            max_attempts=claimed["max_attempts"],
             receipt=claimed["attempts"],
         )
 
@@ -218,7 +253,7 @@ class EmbeddedQueue:
                 (now, now, task_id, owner),
             )
 
-    def _recover(self, task_id: str, owner: str) -> None:
+    def _recover(self, held: HeldTask) -> None:
         """Like an expired lease, at once: the attempt counts, and none left means dead."""
         now = time.time()
         with self._write() as db:
@@ -232,9 +267,36 @@ class EmbeddedQueue:
                             THEN 'its host died while it ran, and no attempt is left' ELSE error_message END,
                         finished_at = CASE WHEN attempts >= max_attempts THEN ? ELSE finished_at END,
                         lease_owner = NULL, lease_expires = NULL, run_at = ?, updated_at = ?
-                    WHERE id = ? AND status = 'running' AND lease_owner = ?""",
-                (now, now, now, task_id, owner),
+                    WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?""",
+                (now, now, now, held.task_id, held.owner, held.attempt),
             )
+
+    def _heartbeat(self, owner: str, host_id: str) -> None:
+        now = time.time()
+        with self._write() as db:
+            db.execute(
+                """INSERT INTO owners (owner, host_id, seen_at, expires_at) VALUES (?, ?, ?, ?)
+                    ON CONFLICT (owner) DO UPDATE SET seen_at = excluded.seen_at, expires_at = excluded.expires_at""",
+                (owner, host_id, now, now + self.lease),
+            )
+            db.execute("DELETE FROM owners WHERE expires_at < ?", (now - _FORGET_AFTER,))
+
+    def _forget(self, owner: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM owners WHERE owner = ?", (owner,))
+
+    def _owners(self) -> list[Owner]:
+        now = time.time()
+        with self._read() as db:
+            rows = db.execute("SELECT owner, host_id, expires_at FROM owners").fetchall()
+        return [Owner(row["owner"], row["host_id"], row["expires_at"] < now) for row in rows]
+
+    def _held(self) -> list[HeldTask]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT id, lease_owner, attempts FROM tasks WHERE status = 'running' AND lease_owner IS NOT NULL"
+            ).fetchall()
+        return [HeldTask(row["id"], row["lease_owner"], row["attempts"]) for row in rows]
 
     # -- what the API needs ---------------------------------------------------------
 
@@ -299,16 +361,17 @@ class EmbeddedQueue:
             ).fetchall()
         return [_public(row) for row in rows]
 
-    def retry(self, task_id: str) -> dict[str, Any] | None:
-        """Send a failed or dead task back to pending, as new; None if it is neither failed nor dead."""
+    def retry(self, task_id: str, max_attempts: int | None = None) -> dict[str, Any] | None:
+        """Send a failed or dead task back to pending, as new (with ``max_attempts`` from the
+        worker's current config, when given); None if it is neither failed nor dead."""
         now = time.time()
         with self._write() as db:
             row = db.execute(
                 """UPDATE tasks SET status = 'pending', attempts = 0, run_at = ?, updated_at = ?,
                         outcome = NULL, retriable = NULL, result = NULL, error_type = NULL,
-                        error_message = NULL, finished_at = NULL
+                        error_message = NULL, finished_at = NULL, max_attempts = COALESCE(?, max_attempts)
                     WHERE id = ? AND status IN ('failed', 'dead') RETURNING *""",
-                (now, now, task_id),
+                (now, now, max_attempts, task_id),
             ).fetchone()
         return _public(row) if row else None
 
@@ -332,10 +395,12 @@ class EmbeddedQueue:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
+                    self._db.execute("COMMIT")
+                finally:
+                    # Whatever failed, the body or the COMMIT itself (SQLITE_BUSY leaves the
+                    # transaction open): never leave the connection inside a transaction.
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
             except sqlite3.Error as exc:
                 raise SourceUnavailable(f"embedded queue {self.path}: {exc}") from None
 

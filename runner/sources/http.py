@@ -28,16 +28,16 @@ way, because the API has no way to say "do not retry".
 There are no leases either. A claim expires after the server's claim timeout
 (``claim_timeout``, 300 s by default), after which anyone may claim the task
 again; a report that comes later is refused (403, or 400 "not in claimed state"
-once the other claimer has settled it) and becomes ``LeaseLost``. So
-``renew()`` does nothing, ``release()`` cannot hand a task back (its claim just
-expires) and neither can ``recover()``; ``check_timeouts`` lists the workers
+once the other claimer has settled it) and becomes ``LeaseLost``. So the
+source declares no renewal and no registry (the host never renews, and never
+hands back a dead process's tasks: their claims expire), and ``release()``
+only logs when the claim will expire; ``check_timeouts`` lists the workers
 whose timeout outlives a claim. Every httpx error becomes ``SourceUnavailable``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -50,7 +50,7 @@ import httpx
 
 from runner import __version__
 from runner.config import HttpSource, WorkerConfig
-from runner.sources import ClaimedTask, Finished, LeaseLost, SourceUnavailable
+from runner.sources import Capabilities, ClaimedTask, Finished, LeaseLost, SourceUnavailable, TaskSource
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,11 @@ REGISTER_SCHEMA: dict[str, Any] = {"type": "object"}
 _QUOTE = 200
 
 
-class HttpTaskSource:
+class HttpTaskSource(TaskSource):
     """A ``TaskSource`` backed by a PrismQ TaskManager server."""
 
-    retries_by_source = True  # the server re-queues a failed task itself
+    # The server re-queues a failed task itself and keeps progress; claims cannot be renewed.
+    capabilities = Capabilities(renew_every=None, owns_retries=True, progress=True)
 
     def __init__(
         self,
@@ -135,9 +136,6 @@ class HttpTaskSource:
                 return task
         return None
 
-    async def renew(self, task: ClaimedTask) -> None:
-        """Nothing: the API cannot extend a claim (see ``check_timeouts``)."""
-
     async def complete(self, task: ClaimedTask, finished: Finished) -> None:
         """Report success with the outcome's result; raise LeaseLost if the claim moved on."""
         body: dict[str, Any] = {"worker_id": self.worker_id, "success": True}
@@ -176,9 +174,6 @@ class HttpTaskSource:
             left,
             self._config.claim_timeout,
         )
-
-    async def recover(self, task_id: str, owner: str) -> None:
-        """Nothing: a task a dead host left claimed is claimable again after ``claim_timeout``."""
 
     async def health(self) -> dict[str, Any]:
         """``GET /health``, plus what this source resolved; raise SourceUnavailable if it does not answer."""
@@ -251,8 +246,10 @@ class HttpTaskSource:
             # Nothing a worker could run: fail it on the server rather than leave it claimed.
             log.warning("task %s of type %s has params that are not an object: reported as failed", task_id, name)
             error = f"InvalidParams: params must be a JSON object, got {_quote(data.get('params'))}"
-            with contextlib.suppress(LeaseLost):  # claim() raises nothing but SourceUnavailable
+            try:
                 await self._settle(task, {"worker_id": self.worker_id, "success": False, "error": error})
+            except LeaseLost as exc:  # claim() raises nothing but SourceUnavailable
+                log.warning("task %s: could not report its invalid params: %s", task_id, exc)
             return None
         # A producer may carry its trace context in the task (no field of the API holds it otherwise).
         traceparent = data.get("traceparent") or params.get("traceparent")

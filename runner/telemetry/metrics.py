@@ -46,32 +46,33 @@ class Metrics:
 
     def __call__(self, event: Event) -> None:
         worker = event.worker or ""
-        if event.name == events.ATTEMPT_STARTED:
-            self.in_flight.labels(worker).inc()
-        elif event.name == events.ATTEMPT_FINISHED:
-            self.in_flight.labels(worker).dec()
-            self.attempts.labels(worker, event.data["outcome"]).inc()
-            if event.data.get("oom_killed"):
-                self.oom_kills.labels(worker).inc()
-            if event.data["outcome"] == "timeout":
-                self.timeouts.labels(worker).inc()
-            self.duration.labels(worker).observe(event.data.get("duration", 0.0))
-            if event.data.get("start_latency"):
-                self.start_latency.labels(worker).observe(event.data["start_latency"])
-        elif event.name == events.TASK_COMPLETED:
-            self.tasks.labels(worker, "completed").inc()
-        elif event.name == events.TASK_FAILED:
-            self.tasks.labels(worker, event.data["outcome"]).inc()
-        elif event.name == events.TASK_RETRYING:
-            self.retries.labels(worker).inc()
-        elif event.name == events.LEASE_LOST:
-            self.lease_lost.inc()
-        elif event.name == events.TASK_RELEASED:
-            self.released.inc()
-        elif event.name in (events.SOURCE_UP, events.SOURCE_DOWN):
-            self.source_up.set(1 if event.name == events.SOURCE_UP else 0)
-        elif event.name in (events.ENGINE_UP, events.ENGINE_DOWN):
-            self.engine_up.set(1 if event.name == events.ENGINE_UP else 0)
+        match event:
+            case events.AttemptStarted():
+                self.in_flight.labels(worker).inc()
+            case events.AttemptFinished():
+                self.in_flight.labels(worker).dec()
+                self.attempts.labels(worker, event.outcome).inc()
+                if event.oom_killed:
+                    self.oom_kills.labels(worker).inc()
+                if event.outcome == "timeout":
+                    self.timeouts.labels(worker).inc()
+                self.duration.labels(worker).observe(event.duration)
+                if event.start_latency:  # 0: the container never started
+                    self.start_latency.labels(worker).observe(event.start_latency)
+            case events.TaskCompleted():
+                self.tasks.labels(worker, "completed").inc()
+            case events.TaskFailed():
+                self.tasks.labels(worker, event.outcome).inc()
+            case events.TaskRetrying():
+                self.retries.labels(worker).inc()
+            case events.LeaseLost():
+                self.lease_lost.inc()
+            case events.TaskReleased():
+                self.released.inc()
+            case events.SourceUp() | events.SourceDown():
+                self.source_up.set(1 if isinstance(event, events.SourceUp) else 0)
+            case events.EngineUp() | events.EngineDown():
+                self.engine_up.set(1 if isinstance(event, events.EngineUp) else 0)
 
     def render(self) -> bytes:
         """The text exposition format, for GET /metrics."""

@@ -1,12 +1,19 @@
 """OpenTelemetry tracing, as a hook on the host's events.
 
-One trace per task: the submit (or the producer's own span, from an incoming
-``traceparent``), then for each attempt an ``attempt`` span with the
-container's ``create``, ``start``, ``exchange`` and ``teardown`` as children,
-and the spans the worker opened inside the container (sent over the SDK's
-side channel with their own ids and times) as children of the attempt. The
+One trace per task: the submit (continuing the producer's ``traceparent``,
+if it sent one; a task that came without trace context gets a root ``task``
+span instead), the claim (``receive``), then for each attempt an ``attempt``
+span with the container's ``create``, ``start``, ``exchange`` and
+``teardown`` as children, and the spans the worker opened inside the
+container (sent over the SDK's side channel with their own ids and times) as
+children of the attempt.
+
+The hook only records. The host mints every span's context before the span
+exists (``runner.telemetry.context``) and passes it in the event: the
 attempt's context is what the container gets as ``TRACEPARENT``, so a worker
-that exports on its own lands in the same trace.
+that exports on its own lands under the attempt too. The spans are built
+whole, with those ids and the times the events carry, and handed to the
+exporter's span processor; a context not sampled is not exported.
 
 Exported with OTLP (http/protobuf by default, gRPC when asked) to
 ``[telemetry] otlp_endpoint`` or ``OTEL_EXPORTER_OTLP_ENDPOINT``; with neither,
@@ -15,30 +22,30 @@ nothing is set up and the hook costs nothing.
 
 from __future__ import annotations
 
-import logging
 import os
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.context import Context
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Event as SpanEvent
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from runner import __version__
 from runner.config import TelemetryConfig
-from runner.sidechannel import WorkerSpan
 from runner.telemetry import events
+from runner.telemetry.context import TraceContext, child_of, parse
 from runner.telemetry.events import Event
 
-log = logging.getLogger(__name__)
-_PROPAGATOR = TraceContextTextMapPropagator()
-_SCOPE = "workerhost"
-_MAX_TASKS = 10_000  # task contexts kept for retries
+_SCOPE = InstrumentationScope("workerhost", __version__)
+_MAX_OPEN = 10_000  # attempts started and not finished, and root spans already exported
+_MAX_PROGRESS = 128  # progress events kept on one attempt span (the latest), as the SDK's span limits would
 
 
 def exporter_for(config: TelemetryConfig) -> SpanExporter | None:
@@ -57,161 +64,163 @@ def exporter_for(config: TelemetryConfig) -> SpanExporter | None:
     return HttpExporter(endpoint=traces)
 
 
+@dataclass
+class _Open:
+    """What an attempt span needs from AttemptStarted and TaskProgress until AttemptFinished."""
+
+    started: events.AttemptStarted
+    progress: deque[SpanEvent] = field(default_factory=lambda: deque(maxlen=_MAX_PROGRESS))
+
+
 class Tracing:
     """The tracing hook. ``enabled`` is False (and every call returns at once) without an exporter."""
 
     def __init__(self, config: TelemetryConfig, exporter: SpanExporter | None = None) -> None:
         exporter = exporter if exporter is not None else exporter_for(config)
         self.enabled = exporter is not None
-        self._provider: TracerProvider | None = None
         self._processor: SpanProcessor | None = None
-        self._attempts: dict[str, trace.Span] = {}
-        # task id -> the context its attempts hang from; kept across retries (bounded)
-        self._parents: OrderedDict[str, Context] = OrderedDict()
+        self._attempts: OrderedDict[str, _Open] = OrderedDict()  # task id -> its attempt now running
+        self._roots: OrderedDict[str, None] = OrderedDict()  # task ids whose root span is exported
         if exporter is None:
             return
         name = os.environ.get("OTEL_SERVICE_NAME") or config.service_name
         # Resource.create also reads OTEL_RESOURCE_ATTRIBUTES.
-        resource = Resource.create({SERVICE_NAME: name, "service.version": __version__})
-        self._provider = TracerProvider(resource=resource)
+        self._resource = Resource.create({SERVICE_NAME: name, "service.version": __version__})
         self._processor = BatchSpanProcessor(exporter, schedule_delay_millis=500)
-        self._provider.add_span_processor(self._processor)
-        self._tracer = self._provider.get_tracer(_SCOPE, __version__)
 
     def __call__(self, event: Event) -> None:
         if not self.enabled:
             return
-        handler = _HANDLERS.get(event.name)
-        if handler is not None:
-            handler(self, event)
+        match event:
+            case events.TaskSubmitted():
+                self._submitted(event)
+            case events.TaskReceived():
+                self._received(event)
+            case events.AttemptStarted():
+                _remember(self._attempts, event.task_id or "", _Open(event))
+            case events.TaskProgress():
+                self._progress(event)
+            case events.WorkerSpanReceived():
+                self._worker_span(event)
+            case events.AttemptFinished():
+                self._attempt_finished(event)
+            case events.TaskCompleted() | events.TaskFailed():  # done for good: it will not be received again
+                self._attempts.pop(event.task_id or "", None)
+                self._roots.pop(event.task_id or "", None)
+            case events.TaskRetrying() | events.TaskReturned() | events.TaskReleased() | events.LeaseLost():
+                self._attempts.pop(event.task_id or "", None)  # the task may come back: keep its root
+
+    def span_context(self, parent: str | None) -> str | None:
+        """The context of a new span under ``parent`` (a new trace without one); None when disabled,
+        so that the caller passes the parent's context on unchanged."""
+        return str(child_of(parent)) if self.enabled else None
 
     def shutdown(self) -> None:
         """Export what is pending (called when the host stops)."""
-        if self._provider is not None:
-            self._provider.shutdown()
+        if self._processor is not None:
+            self._processor.shutdown()
 
     # -- events -----------------------------------------------------------------
 
-    def _submitted(self, event: Event) -> None:
-        carrier: dict[str, str] = event.data["carrier"]
-        parent = _PROPAGATOR.extract(carrier)
-        span = self._tracer.start_span(
-            f"submit {event.task_type}", context=parent, kind=SpanKind.SERVER, attributes=_task_attributes(event)
-        )
-        span.end()
-        carrier.clear()
-        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
-
-    def _received(self, event: Event) -> None:
-        assert event.task_id is not None
-        parent = _PROPAGATOR.extract({"traceparent": event.traceparent} if event.traceparent else {})
-        if not trace.get_current_span(parent).get_span_context().is_valid:
-            if event.task_id in self._parents:  # a retry of a task that came without trace context
-                parent = self._parents[event.task_id]
-            else:  # no trace context came with the task: it starts here
-                root = self._tracer.start_span(f"task {event.task_type}", attributes=_task_attributes(event))
-                root.end()
-                parent = trace.set_span_in_context(root)
-        claimed = event.data.get("claim_started_ns")
-        span = self._tracer.start_span(
-            f"receive {event.task_type}", context=parent, kind=SpanKind.CONSUMER,
-            attributes=_task_attributes(event), start_time=claimed,
-        )  # fmt: skip
-        span.end()
-        self._parents[event.task_id] = parent
-        self._parents.move_to_end(event.task_id)
-        while len(self._parents) > _MAX_TASKS:
-            self._parents.popitem(last=False)
-
-    def _attempt_started(self, event: Event) -> None:
-        assert event.task_id is not None
-        parent = self._parents.get(event.task_id, Context())
-        attributes = {**_task_attributes(event), **_prefixed(event.data.get("limits", {}), "workerhost.limits.")}
-        attributes["workerhost.image"] = event.data.get("image", "")
-        span = self._tracer.start_span(f"attempt {event.attempt}", context=parent, attributes=attributes)
-        self._attempts[event.task_id] = span
-        _PROPAGATOR.inject(event.data["carrier"], context=trace.set_span_in_context(span))
-
-    def _attempt_finished(self, event: Event) -> None:
-        assert event.task_id is not None
-        span = self._attempts.pop(event.task_id, None)
-        if span is None:
+    def _submitted(self, event: events.TaskSubmitted) -> None:
+        context = parse(event.traceparent)
+        if context is None:
             return
-        data = event.data
-        context = trace.set_span_in_context(span)
-        for name, start, end in data.get("phases", ()):
-            child = self._tracer.start_span(f"container.{name}", context=context, start_time=start)
-            if name != "create" and data.get("container_id"):
-                child.set_attribute("container.id", data["container_id"])
-            child.set_attribute("workerhost.correlation_id", event.correlation_id or "")
-            child.end(end_time=end)
-        for key, value in data.items():
-            if key in _ATTEMPT_ATTRIBUTES and value is not None:
-                span.set_attribute(_ATTEMPT_ATTRIBUTES[key], value)
-        if data.get("outcome") != "completed":
-            message = data.get("error") or data.get("outcome", "failed")
-            span.set_status(Status(StatusCode.ERROR, message))
-            kind, _, text = str(message).partition(": ")
-            span.add_event("exception", {"exception.type": kind, "exception.message": text or kind})
-        span.end()
+        end = event.end_ns or time.time_ns()
+        name, parent = f"submit {event.task_type}", parse(event.parent)
+        self._export(name, context, parent, event.start_ns or end, end, _task_attributes(event), kind=SpanKind.SERVER)
 
-    def _worker_span(self, event: Event) -> None:
+    def _received(self, event: events.TaskReceived) -> None:
+        task = parse(event.traceparent)
+        if task is None:
+            return
+        now = time.time_ns()
+        start = event.claim_started_ns or now
+        attributes = _task_attributes(event)
+        # A root made from the task id is the same on every claim: export it once, not once per retry.
+        if event.root and (event.task_id or "") not in self._roots:
+            _remember(self._roots, event.task_id or "", None)
+            self._export(f"task {event.task_type}", task, None, start, now, attributes)
+        self._export(f"receive {event.task_type}", child_of(task), task, start, now, attributes, kind=SpanKind.CONSUMER)
+
+    def _progress(self, event: events.TaskProgress) -> None:
+        opened = self._attempts.get(event.task_id or "")
+        if opened is not None:
+            attributes = {"percent": event.percent, "message": event.message}
+            opened.progress.append(SpanEvent("progress", _present(attributes), time.time_ns()))
+
+    def _worker_span(self, event: events.WorkerSpanReceived) -> None:
         """A span from inside the container: exported as the worker made it, ids and times included."""
-        assert self._processor is not None and self._provider is not None
-        worker: WorkerSpan = event.data["span"]
-        context = SpanContext(
-            worker.trace_id, worker.span_id, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED)
-        )
-        parent = (
-            SpanContext(worker.trace_id, worker.parent_id, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
-            if worker.parent_id
-            else None
-        )
+        worker, attempt = event.span, parse(event.traceparent)
+        if worker is None or (attempt is not None and not attempt.sampled):
+            return
+        context = TraceContext(f"{worker.trace_id:032x}", f"{worker.span_id:016x}")
+        parent = TraceContext(context.trace_id, f"{worker.parent_id:016x}") if worker.parent_id else None
         attributes: dict[str, Any] = {**worker.attributes, **_task_attributes(event), "workerhost.source": "worker"}
         status = Status(StatusCode.ERROR, worker.error) if worker.error else Status(StatusCode.UNSET)
+        start, end = int(worker.start * 1e9), int(worker.end * 1e9)
+        self._export(worker.name, context, parent, start, end, attributes, status=status)
+
+    def _attempt_finished(self, event: events.AttemptFinished) -> None:
+        opened = self._attempts.pop(event.task_id or "", None)
+        if opened is not None and opened.started.traceparent != event.traceparent:
+            opened = None  # its start was missed: the event's own fields suffice
+        context = parse(event.traceparent)
+        if context is None:
+            return
+        started = opened.started if opened is not None else None
+        end = event.end_ns or time.time_ns()
+        start = event.start_ns or (started.start_ns if started is not None else 0) or end
+        parent = parse(event.parent or (started.parent if started is not None else None))
+        for name, phase_start, phase_end in event.phases:
+            phase = {**_task_attributes(event), "container.id": event.container_id if name != "create" else None}
+            self._export(f"container.{name}", child_of(context), context, phase_start, phase_end, _present(phase))
+        span_events = list(opened.progress) if opened is not None else []
+        status = Status(StatusCode.UNSET)
+        if event.outcome != "completed":
+            message = event.error or event.outcome
+            status = Status(StatusCode.ERROR, message)
+            kind, _, text = message.partition(": ")
+            span_events.append(SpanEvent("exception", {"exception.type": kind, "exception.message": text or kind}, end))
+        attributes = _attempt_attributes(event, started)
+        self._export(
+            f"attempt {event.attempt}", context, parent, start, end, attributes, status=status, span_events=span_events
+        )
+
+    def _export(
+        self,
+        name: str,
+        context: TraceContext,
+        parent: TraceContext | None,
+        start: int,
+        end: int,
+        attributes: dict[str, Any],
+        *,
+        kind: SpanKind = SpanKind.INTERNAL,
+        status: Status | None = None,
+        span_events: Sequence[SpanEvent] = (),
+    ) -> None:
+        """Hand a finished span with fixed ids to the exporter, unless its context says not sampled."""
+        assert self._processor is not None
+        if not context.sampled:
+            return
         span = ReadableSpan(
-            name=worker.name,
-            context=context,
-            parent=parent,
-            resource=self._provider.resource,
-            attributes=attributes,
-            kind=SpanKind.INTERNAL,
-            status=status,
-            start_time=int(worker.start * 1e9),
-            end_time=int(worker.end * 1e9),
-            instrumentation_scope=InstrumentationScope(_SCOPE, __version__),
+            name=name,
+            context=_otel(context, remote=False),
+            parent=_otel(parent, remote=True) if parent is not None else None,
+            resource=self._resource,
+            attributes=BoundedAttributes(attributes=attributes),  # checks the values, as set_attribute would
+            events=span_events,
+            kind=kind,
+            status=status or Status(StatusCode.UNSET),
+            start_time=start,
+            end_time=end,
+            instrumentation_scope=_SCOPE,
         )
         self._processor.on_end(span)
 
-    def _progress(self, event: Event) -> None:
-        span = self._attempts.get(event.task_id or "")
-        if span is not None:
-            span.add_event("progress", {k: v for k, v in event.data.items() if v is not None})
 
-    def _attempt_over(self, event: Event) -> None:
-        """The attempt ended but the task may be tried again: keep its context for the next attempt."""
-        self._attempts.pop(event.task_id or "", None)
-
-    def _done(self, event: Event) -> None:
-        self._parents.pop(event.task_id or "", None)
-        self._attempts.pop(event.task_id or "", None)
-
-
-_HANDLERS = {
-    events.TASK_SUBMITTED: Tracing._submitted,
-    events.TASK_RECEIVED: Tracing._received,
-    events.ATTEMPT_STARTED: Tracing._attempt_started,
-    events.ATTEMPT_FINISHED: Tracing._attempt_finished,
-    events.WORKER_SPAN: Tracing._worker_span,
-    events.TASK_PROGRESS: Tracing._progress,
-    events.TASK_COMPLETED: Tracing._done,
-    events.TASK_FAILED: Tracing._done,
-    events.TASK_RETRYING: Tracing._attempt_over,
-    events.TASK_RETURNED: Tracing._attempt_over,
-    events.TASK_RELEASED: Tracing._attempt_over,
-    events.LEASE_LOST: Tracing._attempt_over,
-}
-
+# AttemptFinished's fields, and the attributes they become on the attempt span.
 _ATTEMPT_ATTRIBUTES = {
     "outcome": "workerhost.outcome",
     "exit_code": "process.exit.code",
@@ -226,16 +235,39 @@ _ATTEMPT_ATTRIBUTES = {
 }
 
 
+def _attempt_attributes(event: events.AttemptFinished, started: events.AttemptStarted | None) -> dict[str, Any]:
+    attributes = _task_attributes(event)
+    if started is not None:
+        attributes["workerhost.image"] = started.image
+        attributes.update({f"workerhost.limits.{k}": v for k, v in _present(started.limits).items()})
+    attributes.update(_present({key: getattr(event, name) for name, key in _ATTEMPT_ATTRIBUTES.items()}))
+    if event.cancelled:
+        attributes["workerhost.cancelled"] = True
+    return attributes
+
+
 def _task_attributes(event: Event) -> dict[str, Any]:
-    attributes = {
+    return _present({
         "workerhost.task.id": event.task_id,
         "workerhost.task.type": event.task_type,
         "workerhost.correlation_id": event.correlation_id,
         "workerhost.worker": event.worker,
         "workerhost.attempt": event.attempt,
-    }
-    return {k: v for k, v in attributes.items() if v is not None}
+    })  # fmt: skip
 
 
-def _prefixed(values: dict[str, Any], prefix: str) -> dict[str, Any]:
-    return {prefix + k: v for k, v in values.items() if v is not None}
+def _present(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _otel(context: TraceContext, remote: bool) -> SpanContext:
+    flags = TraceFlags(context.flags)
+    return SpanContext(int(context.trace_id, 16), int(context.span_id, 16), is_remote=remote, trace_flags=flags)
+
+
+def _remember(kept: OrderedDict[str, Any], key: str, value: Any) -> None:
+    """Keep ``key`` as the newest entry, forgetting the oldest past ``_MAX_OPEN``."""
+    kept[key] = value
+    kept.move_to_end(key)
+    while len(kept) > _MAX_OPEN:
+        kept.popitem(last=False)

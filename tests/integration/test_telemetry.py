@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import HOST_ID, ROOT
+from tests.conftest import ROOT, new_host_id
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.serving import Serve, config_text, free_port
 
@@ -54,7 +54,7 @@ def traced(
         port = free_port()
         config = tmp / "traced.toml"
         telemetry = f'\n[telemetry]\notlp_endpoint = "{receiver.endpoint}"\nhooks = ["tests.hooks:explode"]\n'
-        config.write_text(config_text(HOST_ID, port, tmp / "q.db", behave_image, workers=WORKERS + telemetry))
+        config.write_text(config_text(new_host_id(), port, tmp / "q.db", behave_image, workers=WORKERS + telemetry))
         env = {"WORKERHOST_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT)}
         host = Serve(config, port, tmp / "serve.log", env).start()
         yield host, receiver
@@ -210,10 +210,10 @@ def test_a_hook_that_raises_is_logged_and_changes_nothing(traced: tuple[Serve, O
     assert "this hook always fails (task_completed)" in host.log.read_text()
 
 
-def test_metrics_count_what_ran(tmp_path: Path, behave_image: str) -> None:
+def test_metrics_count_what_ran(tmp_path: Path, behave_image: str, host_id: str) -> None:
     port = free_port()
     config = tmp_path / "metrics.toml"
-    config.write_text(config_text(HOST_ID, port, tmp_path / "q.db", behave_image, workers=WORKERS))
+    config.write_text(config_text(host_id, port, tmp_path / "q.db", behave_image, workers=WORKERS))
     host = Serve(config, port, tmp_path / "serve.log").start()
     try:
         ids = [host.submit("Test.Behave", do="ok")["id"] for _ in range(3)]

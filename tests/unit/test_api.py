@@ -11,16 +11,20 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from runner.api import create_app
-from runner.config import Config, WorkerConfig, loads
-from runner.docker import Observer, RunResult
+from runner.config import Config, TelemetryConfig, WorkerConfig, loads
+from runner.docker import Observer, Reaped, RunResult
+from runner.errors import EngineError
 from runner.host import Host
 from runner.protocol import Envelope, ErrorInfo, Outcome, Status
-from runner.sources import ClaimedTask, Finished
+from runner.sources import ClaimedTask, Finished, TaskSource
 from runner.sources.embedded import EmbeddedQueue
+from runner.telemetry.events import Hooks
 from runner.telemetry.metrics import Metrics
+from runner.telemetry.tracing import Tracing
 
 ECHO, UPPER, STATS = "T.Echo", "T.Upper", "T.Stats"
 OWNER = "host:1:aaaa"
@@ -78,23 +82,23 @@ class FakeRunner:
 
     def image_present(self, image: str) -> bool:
         if self.image_error is not None:
-            raise RuntimeError(self.image_error)
+            raise EngineError(self.image_error)
         return image in self.images
 
     def run(self, worker: WorkerConfig, task: Envelope, observe: Observer | None = None) -> RunResult:
         raise AssertionError("the API never runs a container")
 
-    def kill_task(self, task_id: str) -> int:
-        return 0
+    def cancel(self, task_id: str) -> bool:
+        return False
 
-    def reap(self, alive: Callable[[str], bool]) -> list[tuple[str, str]]:
-        return []
+    def reap(self, dead: Callable[[str], bool]) -> Reaped:
+        return Reaped([], frozenset())
 
     def close(self) -> None:
         pass
 
 
-class StubSource:
+class StubSource(TaskSource):
     """A task source that is not the embedded queue (the PrismQ case)."""
 
     async def claim(self, task_types: Any) -> ClaimedTask | None:
@@ -110,9 +114,6 @@ class StubSource:
         pass
 
     async def release(self, task: ClaimedTask) -> None:
-        pass
-
-    async def recover(self, task_id: str, owner: str) -> None:
         pass
 
     async def health(self) -> dict[str, Any]:
@@ -466,7 +467,7 @@ def test_health_is_503_when_the_loop_is_not_alive(env: Env) -> None:
 
 
 def test_health_shows_the_last_source_error(env: Env) -> None:
-    env.host.source_error = "database is locked"
+    env.host.services.health.down("database is locked")
     body = env.client.get("/health").json()
     assert body["source"]["last_error"] == "database is locked"
 
@@ -568,3 +569,35 @@ def test_a_traceparent_in_the_body_is_kept_when_no_header_carries_one(env: Env) 
     assert response.status_code == 201
     claimed = env.queue.claim_now([ECHO])
     assert claimed is not None and claimed.traceparent == TRACEPARENT
+
+
+# -- the submit span ------------------------------------------------------------------------
+
+
+def test_only_a_stored_submit_makes_a_span(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(TelemetryConfig(), exporter=exporter)
+    queue = EmbeddedQueue(path=tmp_path / "q.db", owner=OWNER)
+    host = Host(config_for(tmp_path), queue, FakeRunner(), Hooks([tracing], contexts=tracing.span_context), OWNER)
+    with TestClient(create_app(host, Metrics(), queue)) as client:
+        body = {"type": ECHO, "params": {"n": 1}, "idempotency_key": "k-1"}
+        stored = client.post("/tasks", json=body, headers={"traceparent": TRACEPARENT})
+        claimed = queue.claim_now([ECHO])
+        again = client.post("/tasks", json=body)  # the same task: 200, not a new submit
+        conflict = client.post("/tasks", json={**body, "params": {"n": 2}})
+        unknown = client.post("/tasks", json={"type": "T.Nobody"})
+        asyncio.run(queue.close())  # the queue goes away: 503
+        unavailable = client.post("/tasks", json={"type": ECHO})
+    tracing.shutdown()
+
+    assert [r.status_code for r in (stored, again, conflict, unknown, unavailable)] == [201, 200, 409, 422, 503]
+    [span] = exporter.get_finished_spans()
+    assert span.name == f"submit {ECHO}"
+    context = span.get_span_context()
+    assert context is not None
+    # The task carries the submit span's own context, in the caller's trace.
+    assert stored.json()["id"] == span.attributes["workerhost.task.id"]
+    assert claimed is not None and claimed.id == stored.json()["id"]
+    assert claimed.traceparent == f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
+    assert f"{context.trace_id:032x}" == TRACEPARENT.split("-")[1]
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == TRACEPARENT.split("-")[2]

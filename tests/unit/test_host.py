@@ -27,12 +27,25 @@ from typing import Any
 import pytest
 
 from runner.config import Config, WorkerConfig, loads
-from runner.docker import Observer, RunResult
-from runner.host import Host, owner_alive
-from runner.protocol import ContainerEnd, Envelope, ErrorInfo
-from runner.sources import ClaimedTask, Finished, LeaseLost, SourceUnavailable
+from runner.docker import Observer, Orphan, Reaped, RunResult
+from runner.errors import EngineError
+from runner.host import Host
+from runner.owners import owner_alive
+from runner.protocol import ContainerEnd, EngineFault, Envelope, ErrorInfo
+from runner.sidechannel import Progress
+from runner.sources import (
+    Capabilities,
+    ClaimedTask,
+    Finished,
+    HeldTask,
+    LeaseLost,
+    Owner,
+    SourceUnavailable,
+    TaskSource,
+)
 from runner.telemetry import events
 from runner.telemetry.events import Event, Hooks
+from runner.telemetry.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 OWNER = "test:1:x"
@@ -60,11 +73,13 @@ class StoredTask:
     traceparent: str | None = None
     status: str = "pending"  # pending, running, completed or failed (final)
     attempts: int = 0
+    max_attempts: int | None = None
+    owner: str | None = None  # the process that holds it while running
     run_at: float = 0.0  # time.monotonic() from which a pending task may be claimed
     finished: Finished | None = None
 
 
-class InMemorySource:
+class InMemorySource(TaskSource):
     """The ``TaskSource`` port over a dict of tasks, recording every call.
 
     ``down`` makes every call but ``close`` raise ``SourceUnavailable``;
@@ -74,13 +89,28 @@ class InMemorySource:
     misbehaving backend); ``claim_delay`` makes a claim take that long after
     it has picked its task (a round trip to a remote queue), ``report_delay``
     a ``complete`` or ``fail`` before it lands. ``retries_by_source`` says that
-    the backend retries failed tasks by its own rules (as PrismQ's does).
+    the backend retries failed tasks by its own rules (as PrismQ's does); ``renew_every`` that it
+    renews leases that often; ``registry`` that it keeps a registry of processes (``registered``),
+    as the embedded queue does.
     """
 
     def __init__(
-        self, *, ignore_types: bool = False, claim_delay: float = 0.0, retries_by_source: bool = False
+        self,
+        *,
+        ignore_types: bool = False,
+        claim_delay: float = 0.0,
+        retries_by_source: bool = False,
+        renew_every: float | None = None,
+        registry: bool = False,
     ) -> None:
-        self.retries_by_source = retries_by_source
+        self.capabilities = Capabilities(
+            renew_every=renew_every, owns_retries=retries_by_source, progress=True, registry=registry
+        )
+        self.heartbeat_every = 0.05
+        self.registered: dict[str, Owner] = {}
+        self.renew_error: BaseException | None = None  # raised by every renew()
+        self.claim_error: BaseException | None = None  # raised by every claim()
+        self.progress_calls: list[tuple[str, float, str | None]] = []
         self.tasks: dict[str, StoredTask] = {}
         self.calls: list[Call] = []
         self.down = False
@@ -91,6 +121,7 @@ class InMemorySource:
         self.report_delay = 0.0
         self.claiming = False
         self.violations: list[str] = []  # reports of tasks the host did not hold
+        self.outages: set[str] = set()  # the next call of each of these methods raises SourceUnavailable
 
     def add(
         self,
@@ -98,9 +129,15 @@ class InMemorySource:
         task_type: str = "a",
         correlation_id: str | None = None,
         status: str = "pending",
+        max_attempts: int | None = None,
+        owner: str | None = None,
         **params: Any,
     ) -> None:
-        self.tasks[task_id] = StoredTask(task_id, task_type, params, correlation_id, status=status)
+        attempts = 1 if status == "running" else 0
+        self.tasks[task_id] = StoredTask(
+            task_id, task_type, params, correlation_id, status=status, attempts=attempts,
+            max_attempts=max_attempts, owner=owner,
+        )  # fmt: skip
 
     # -- what the tests read --
 
@@ -124,6 +161,8 @@ class InMemorySource:
     async def claim(self, task_types: Collection[str]) -> ClaimedTask | None:
         types = list(task_types)
         self._enter("claim", types)
+        if self.claim_error is not None:
+            raise self.claim_error
         now = time.monotonic()
         found = next(
             (
@@ -136,6 +175,7 @@ class InMemorySource:
         if found is not None:
             found.status = "running"
             found.attempts += 1
+            found.owner = OWNER
         if self.claim_delay:
             self.claiming = True
             try:
@@ -151,11 +191,14 @@ class InMemorySource:
             found.attempts,
             found.correlation_id,
             found.traceparent,
+            max_attempts=found.max_attempts,
             receipt=found.attempts,
         )
 
     async def renew(self, task: ClaimedTask) -> None:
         self._enter("renew", task.id)
+        if self.renew_error is not None:
+            raise self.renew_error
 
     async def complete(self, task: ClaimedTask, finished: Finished) -> None:
         self._enter("complete", task.id, finished)
@@ -176,13 +219,35 @@ class InMemorySource:
         self._enter("release", task.id)
         stored = self._held(task)
         stored.status = "pending"
+        stored.owner = None
         stored.attempts -= 1  # a released attempt does not count
 
-    async def recover(self, task_id: str, owner: str) -> None:
-        self._enter("recover", task_id, owner)
-        stored = self.tasks.get(task_id)
-        if stored is not None and stored.status == "running":
+    async def recover(self, held: HeldTask) -> None:
+        self._enter("recover", held.task_id, held.owner)
+        stored = self.tasks.get(held.task_id)
+        if stored is not None and stored.status == "running" and stored.owner == held.owner:
             stored.status = "pending"
+            stored.owner = None
+
+    async def progress(self, task: ClaimedTask, percent: float, message: str | None) -> None:
+        self._enter("progress", task.id)
+        self.progress_calls.append((task.id, percent, message))
+
+    async def heartbeat(self, owner: str, host_id: str) -> None:
+        self._enter("heartbeat", owner)
+        self.registered[owner] = Owner(owner, host_id, expired=False)
+
+    async def forget(self, owner: str) -> None:
+        self._enter("forget", owner)
+        self.registered.pop(owner, None)
+
+    async def owners(self) -> list[Owner]:
+        self._enter("owners")
+        return list(self.registered.values())
+
+    async def held(self) -> list[HeldTask]:
+        self._enter("held")
+        return [HeldTask(t.id, t.owner or "", t.attempts) for t in self.tasks.values() if t.status == "running"]
 
     async def health(self) -> dict[str, Any]:
         self._enter("health")
@@ -197,6 +262,9 @@ class InMemorySource:
         self.calls.append(Call(name, time.monotonic(), args))
         if self.down:
             raise SourceUnavailable("the in-memory source is down")
+        if name in self.outages:
+            self.outages.discard(name)
+            raise SourceUnavailable(f"the in-memory source blinked on {name}")
 
     def _held(self, task: ClaimedTask) -> StoredTask:
         stored = self.tasks[task.id]
@@ -207,6 +275,7 @@ class InMemorySource:
     def _settle(self, task: ClaimedTask, finished: Finished, status: str, retry_in: float | None) -> None:
         stored = self._held(task)
         stored.status = status
+        stored.owner = None
         stored.finished = finished
         if retry_in is not None:
             stored.run_at = time.monotonic() + retry_in
@@ -234,13 +303,20 @@ class FakeRunner:
     ``params["exit"]`` is the exit code of every attempt (0 by default, with
     ``params["result"]`` as the result); ``params["script"]`` gives one step
     per attempt (the last repeats): an exit code, ``"timeout"`` (killed at the
-    deadline) or ``"engine"`` (a retriable engine error).
+    deadline), ``"engine"`` (a retriable engine error) or ``"raise"`` (the
+    runner itself raises). ``params["late"]`` makes a cancel come too late: the
+    container has already ended, so the kill finds nothing and the run ends as
+    it would have. ``params["progress"]`` is reported through the observer.
+    ``containers`` maps a task id to the owner of a container left on the
+    engine, for ``reap``; ``reap_error`` is raised by every ``reap``.
     """
 
-    reaped: list[tuple[str, str]] = field(default_factory=list)
+    containers: dict[str, str] = field(default_factory=dict)
+    reap_error: BaseException | None = None
     runs: list[Run] = field(default_factory=list)
     killed: list[str] = field(default_factory=list)
     reap_calls: list[Callable[[str], bool]] = field(default_factory=list)
+    cancels: list[str] = field(default_factory=list)
     pings: int = 0
     closed: bool = False
 
@@ -257,28 +333,41 @@ class FakeRunner:
             self._stops[envelope.id] = stop
             if self._released:
                 stop.set()
+        if "progress" in envelope.params and observe is not None:
+            observe(Progress(float(envelope.params["progress"]), "halfway"))
         killed = stop.wait(float(envelope.params.get("sleep", 0.0)))
         record.end = time.monotonic()
         with self._lock:
             self._stops.pop(envelope.id, None)
         duration = record.end - record.start
-        if killed:
+        if killed and not envelope.params.get("late"):
             record.killed = True
-            return RunResult(ContainerEnd(exit_code=137), container_id=f"c-{envelope.id}", duration=duration)
+            return RunResult(
+                ContainerEnd(exit_code=137), container_id=f"c-{envelope.id}", duration=duration, cancelled=True
+            )
+        if _step(envelope) == "raise":
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
         return RunResult(_end(envelope), container_id=f"c-{envelope.id}", image_id="sha256:fake", duration=duration)
 
-    def kill_task(self, task_id: str) -> int:
+    def cancel(self, task_id: str) -> bool:
         with self._lock:
             self.killed.append(task_id)
             stop = self._stops.get(task_id)
+            late = any(r.task_id == task_id and r.envelope.params.get("late") for r in self.runs)
         if stop is None:
-            return 0
+            return False
         stop.set()
-        return 1
+        return not late
 
-    def reap(self, alive: Callable[[str], bool]) -> list[tuple[str, str]]:
-        self.reap_calls.append(alive)
-        return list(self.reaped)
+    def reap(self, dead: Callable[[str], bool]) -> Reaped:
+        self.reap_calls.append(dead)
+        if self.reap_error is not None:
+            raise self.reap_error
+        removed = [Orphan(t, o, 1) for t, o in self.containers.items() if dead(o)]
+        kept = frozenset(t for t, o in self.containers.items() if not dead(o))
+        for orphan in removed:
+            del self.containers[orphan.task_id]
+        return Reaped(removed, kept)
 
     def ping(self) -> str | None:
         self.pings += 1
@@ -308,15 +397,22 @@ class FakeRunner:
         return any(r.task_id == task_id for r in self.runs)
 
 
-def _end(envelope: Envelope) -> ContainerEnd:
+def _step(envelope: Envelope) -> Any:
     params = envelope.params
     script = params.get("script", [params.get("exit", 0)])
-    step = script[min(envelope.attempt, len(script)) - 1]
+    return script[min(envelope.attempt, len(script)) - 1]
+
+
+def _end(envelope: Envelope) -> ContainerEnd:
+    params = envelope.params
+    step = _step(envelope)
     if step == "timeout":
         return ContainerEnd(exit_code=137, deadline_hit=True, timeout=5.0)
     if step == "engine":
         return ContainerEnd(
-            exit_code=None, engine_error=ErrorInfo("EngineError", "the engine went away"), engine_retriable=True
+            exit_code=None,
+            engine_error=ErrorInfo("EngineError", "the engine went away"),
+            engine_fault=EngineFault.UNREACHABLE,
         )
     if step == 0:
         result = params.get("result", {"id": envelope.id, "attempt": envelope.attempt})
@@ -358,13 +454,16 @@ backoff = "{backoff}"
 """
 
 
-def make_config(*workers: str, concurrency: int = 2, grace: str = "2s", poll_max: str = "100ms") -> Config:
+def make_config(
+    *workers: str, concurrency: int = 2, grace: str = "2s", poll_max: str = "100ms", reap_interval: str = "30s"
+) -> Config:
     host = f"""
 [host]
 id = "test-host"
 concurrency = {concurrency}
 grace = "{grace}"
 poll_max = "{poll_max}"
+reap_interval = "{reap_interval}"
 """
     return loads(host + "".join(workers or (worker("a"),)), environ={})
 
@@ -380,11 +479,15 @@ def drive(
     hooks: Hooks | None = None,
     burst: bool = True,
     during: During | None = None,
+    setup: Callable[[Host], None] | None = None,
 ) -> Host:
-    """Run the real host until ``run()`` returns, with ``during`` running beside it."""
+    """Run the real host until ``run()`` returns, with ``during`` running beside it
+    (``setup`` is called with the host before it runs)."""
 
     async def main() -> Host:
         host = Host(config, source, runner, hooks, owner=OWNER)
+        if setup is not None:
+            setup(host)
         loop = asyncio.create_task(host.run(burst=burst), name="host")
         try:
             if during is not None:
@@ -595,9 +698,10 @@ def test_the_loop_backs_off_while_the_source_is_down_and_resumes_when_it_is_back
     recorder = Recorder()
 
     async def outage(host: Host) -> None:
-        await until(lambda: len(source.named("claim")) >= 1, what="a first claim")
-        await asyncio.sleep(0.3)
-        assert len(source.named("claim")) == 1, "no backoff: the loop hammers a source that is down"
+        await until(lambda: len(source.named("claim")) >= 3, timeout=5.0, what="three claims while down")
+        first, second, third = (c.at for c in source.named("claim")[:3])
+        # Backoff: 0.5-1 s after the first failure, 1-1.5 s after the second (0.5 * 2**(n-1) plus jitter).
+        assert second - first >= 0.5 and third - second >= 1.0, "no backoff: the loop hammers a source that is down"
         assert host.source_error is not None and "down" in host.source_error
         assert recorder.names() == [events.SOURCE_DOWN]
         source.down = False
@@ -689,7 +793,7 @@ def test_stop_drains_a_task_in_flight_and_claims_nothing_more() -> None:
         host.stop()
         source.add("t-late")  # ready at once, but the host is stopping
 
-    drive(make_config(worker("a", concurrency=2), grace="2s"), source, runner, burst=False, during=stop_while_running)
+    drive(make_config(worker("a", concurrency=2), grace="5s"), source, runner, burst=False, during=stop_while_running)
     returned = time.monotonic()
 
     assert [c for c in source.named("claim") if c.at >= stopped[0]] == []
@@ -697,9 +801,9 @@ def test_stop_drains_a_task_in_flight_and_claims_nothing_more() -> None:
     assert source.status("t-late") == "pending"
     assert len(source.completes("t-long")) == 1
     assert source.status("t-long") == "completed"
-    assert runner.killed == []
+    assert runner.killed == []  # it finished within the grace: nothing was killed
+    assert not runner.runs[0].killed
     assert source.named("release") == []
-    assert returned - stopped[0] < 2.0  # within the grace period
     assert runner.runs[0].end <= returned
 
 
@@ -718,32 +822,76 @@ def test_past_the_grace_period_the_container_is_killed_and_the_task_released() -
     returned = time.monotonic()
 
     assert runner.killed == ["t-1"]
-    assert runner.runs[0].killed
-    assert 0.3 <= runner.runs[0].end - stopped[0] < 1.0
+    assert runner.runs[0].killed  # killed, not left to run its 30 s
+    assert runner.runs[0].end - stopped[0] >= 0.3  # not before the grace was over
     assert [c.args[0] for c in source.named("release")] == ["t-1"]
     assert source.named("complete") == source.named("fail") == []
     assert source.status("t-1") == "pending"
     assert source.tasks["t-1"].attempts == 0  # handed back: the attempt does not count
     assert recorder.names("t-1")[-1] == events.TASK_RELEASED
-    assert returned - stopped[0] < 1.5
+    assert runner.runs[0].end <= returned
 
 
 # -- start-up, hooks, events, wake ------------------------------------------------------------
 
 
-def test_orphans_are_reaped_and_their_tasks_recovered_before_any_claim() -> None:
-    source = InMemorySource()
-    runner = FakeRunner(reaped=[("t-1", "other:99:y"), ("", "other:98:z")])  # the second had no task label
-    source.add("t-1", status="running")  # held by the dead instance
-    source.add("t-2")
+def dead_token() -> str:
+    """The owner token of a process of this machine that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return token(child.pid)
+
+
+def test_what_dead_processes_left_is_handed_back_before_any_claim_and_nothing_of_the_living() -> None:
+    source, runner = InMemorySource(registry=True), FakeRunner()
+    dead_here = dead_token()  # this machine, and its pid is gone: dead at once
+    expired = "elsewhere:7:x"  # another machine whose heartbeat expired
+    alive = "elsewhere:8:y"  # another machine, heartbeating
+    unknown = "elsewhere:9:z"  # another machine the registry has never seen
+    elsewhere = "elsewhere:6:w"  # dead too, but of another host id: its containers are not ours to see
+    for owner, host_id, gone in [(dead_here, "test-host", False), (expired, "test-host", True),
+                                 (alive, "test-host", False), (elsewhere, "other-host", True)]:  # fmt: skip
+        source.registered[owner] = Owner(owner, host_id, expired=gone)
+    source.add("left-container", status="running", owner=dead_here)
+    source.add("no-container-yet", status="running", owner=dead_here)  # claimed, killed before its container
+    source.add("expired", status="running", owner=expired)
+    source.add("live", status="running", owner=alive, sleep=0)
+    source.add("unknown", status="running", owner=unknown)
+    source.add("other-host", status="running", owner=elsewhere)
+    source.add("fresh")
+    runner.containers = {"left-container": dead_here, "expired": expired, "live": alive, "unknown": unknown}
 
     drive(make_config(), source, runner)
 
-    assert runner.reap_calls == [owner_alive]
     names = [c.name for c in source.calls]
-    assert names.index("recover") < names.index("claim")
-    assert [c.args for c in source.named("recover")] == [("t-1", "other:99:y")]
-    assert source.status("t-1") == source.status("t-2") == "completed"
+    first_claim = names.index("claim")
+    recovered = [c.args[0] for c in source.named("recover")]
+    assert sorted(recovered) == ["expired", "left-container", "no-container-yet"]
+    assert all(names.index("recover") < first_claim for _ in recovered)
+    assert set(runner.containers) == {"live", "unknown"}  # the living and the unknown keep theirs
+    assert source.status("live") == source.status("unknown") == source.status("other-host") == "running"
+    for task_id in ("left-container", "no-container-yet", "expired", "fresh"):
+        assert source.status(task_id) == "completed"
+
+
+def test_a_live_sibling_hands_back_a_dead_siblings_tasks_within_a_janitor_turn() -> None:
+    source, runner = InMemorySource(registry=True), FakeRunner()
+    sibling = "elsewhere:7:x"
+    source.registered[sibling] = Owner(sibling, "test-host", expired=False)
+    source.add("t-1", status="running", owner=sibling)
+    runner.containers = {"t-1": sibling}
+
+    async def sibling_dies(host: Host) -> None:
+        await until(lambda: len(source.named("held")) >= 2, what="a janitor turn")
+        assert source.status("t-1") == "running" and "t-1" in runner.containers  # alive: untouched
+        source.registered[sibling] = Owner(sibling, "test-host", expired=True)  # its heartbeat stops
+        await until(lambda: source.status("t-1") == "completed", what="t-1 handed back and run here")
+        host.stop()
+
+    drive(make_config(reap_interval="50ms"), source, runner, burst=False, during=sibling_dies)
+
+    assert runner.containers == {}
+    assert [c.args for c in source.named("recover")] == [("t-1", sibling)]
 
 
 def test_a_hook_that_always_raises_changes_no_outcome() -> None:
@@ -792,18 +940,18 @@ def test_wake_makes_an_idle_host_claim_at_once() -> None:
     woken: list[float] = []
 
     async def submit(host: Host) -> None:
-        # By the 4th empty claim the idle pause has grown to 0.4-0.8 s (poll_max is 5 s).
-        await until(lambda: len(source.named("claim")) >= 4, what="the host to idle")
+        # After the 6th empty claim the idle pause is 1.6-1.65 s (0.05 * 2**5, poll_max 60 s).
+        await until(lambda: len(source.named("claim")) >= 6, timeout=5.0, what="the host to idle")
         source.add("t-1")
         woken.append(time.monotonic())
         host.wake()
         await until(lambda: source.settled("t-1"), what="t-1 to complete")
         host.stop()
 
-    drive(make_config(poll_max="5s"), source, runner, burst=False, during=submit)
+    drive(make_config(poll_max="60s"), source, runner, burst=False, during=submit)
 
     [run] = runner.runs
-    assert run.start - woken[0] < 0.2
+    assert run.start - woken[0] < 1.5  # woken, not after the pause
     assert source.status("t-1") == "completed"
 
 
@@ -812,17 +960,18 @@ def test_a_wake_during_a_claim_is_not_lost() -> None:
     woken: list[float] = []
 
     async def submit_during_a_claim(host: Host) -> None:
-        await until(lambda: len(source.named("claim")) >= 4 and source.claiming, what="a claim under way")
+        # The 6th claim's pause would be 1.6-1.65 s (0.05 * 2**5, poll_max 60 s).
+        await until(lambda: len(source.named("claim")) >= 6 and source.claiming, timeout=5.0, what="a claim under way")
         source.add("t-1")  # the claim under way has already looked, and comes back empty
         woken.append(time.monotonic())
         host.wake()
         await until(lambda: source.settled("t-1"), what="t-1 to complete")
         host.stop()
 
-    drive(make_config(poll_max="5s"), source, runner, burst=False, during=submit_during_a_claim)
+    drive(make_config(poll_max="60s"), source, runner, burst=False, during=submit_during_a_claim)
 
     [run] = runner.runs
-    assert run.start - woken[0] < 0.2
+    assert run.start - woken[0] < 1.5  # woken, not after the pause
 
 
 # -- owner_alive ------------------------------------------------------------------------------
@@ -871,7 +1020,7 @@ def test_owner_alive_is_false_for_a_dead_process() -> None:
 
 def test_owner_alive_is_false_for_our_own_pid() -> None:
     # Asked from a process whose cmdline says "runner", so that only the own-pid rule can say no.
-    code = "import os; from runner.host import owner_alive, new_owner; print(owner_alive(new_owner()))"
+    code = "import os; from runner.owners import owner_alive, new_owner; print(owner_alive(new_owner()))"
     done = subprocess.run(
         [sys.executable, "-c", code, "runner", "serve"],
         cwd=ROOT,
@@ -887,3 +1036,289 @@ def test_owner_alive_is_false_for_our_own_pid() -> None:
 @pytest.mark.parametrize("owner", ["", "garbage", f"{socket.gethostname()}:notapid:x", f"{socket.gethostname()}"])
 def test_owner_alive_is_false_for_malformed_tokens(owner: str) -> None:
     assert not owner_alive(owner)
+
+
+# -- the core's lifecycle: every way out drains, side tasks are watched -----------------------
+
+
+def test_an_error_in_the_claim_loop_still_drains_the_tasks_in_flight() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", sleep=0.3, result="kept")
+
+    async def main() -> Host:
+        host = Host(make_config(), source, runner, owner=OWNER)
+        real = host._claimable_types
+
+        def broken() -> list[str]:
+            if runner.started("t-1"):
+                raise RuntimeError("a bug in the loop")
+            return real()
+
+        host._claimable_types = broken  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="a bug in the loop"):
+            await asyncio.wait_for(host.run(), LIMIT)
+        return host
+
+    host = asyncio.run(main())
+
+    assert source.status("t-1") == "completed"  # it finished and was reported before run() gave up
+    assert source.tasks["t-1"].finished is not None and source.tasks["t-1"].finished.outcome.result == "kept"
+    assert not runner.runs[0].killed
+    assert host.in_flight == {} and not host.alive
+
+
+def test_a_cancelled_host_still_drains_the_tasks_in_flight() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", sleep=0.3)
+
+    async def main() -> None:
+        host = Host(make_config(grace="5s"), source, runner, owner=OWNER)
+        loop = asyncio.create_task(host.run(burst=False))
+        await until(lambda: runner.started("t-1"), what="t-1 to start")
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(loop, LIMIT)
+
+    asyncio.run(main())
+
+    assert source.status("t-1") == "completed"
+    assert len(source.completes("t-1")) == 1
+    assert runner.killed == []
+
+
+def test_a_janitor_turn_that_fails_is_logged_and_the_next_one_runs(caplog: pytest.LogCaptureFixture) -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    pings = [RuntimeError("the ping exploded"), None, None]
+    real_reap = runner.reap
+
+    def ping() -> str | None:
+        outcome = pings.pop(0) if pings else None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    runner.ping = ping  # type: ignore[method-assign]
+
+    drive(
+        make_config(reap_interval="20ms"), source, runner, burst=False,
+        during=stop_when(lambda: len(runner.reap_calls) >= 3, "janitor turns after the failure"),
+    )  # fmt: skip
+
+    assert real_reap is not None
+    failures = [r for r in caplog.records if "side task janitor failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    assert "the ping exploded" in str(failures[0].exc_info[1])
+
+
+def test_the_lease_is_renewed_while_the_container_runs() -> None:
+    source, runner = InMemorySource(renew_every=0.05), FakeRunner()
+    source.add("t-1", sleep=0.5)
+    recorder = Recorder()
+
+    drive(make_config(), source, runner, hooks=Hooks([recorder]))
+
+    renewals = source.named("renew")
+    assert len(renewals) >= 3
+    assert all(c.at < runner.runs[0].end for c in renewals)  # only while it ran
+    assert source.status("t-1") == "completed"
+    assert events.SOURCE_DOWN not in recorder.names(None)
+
+
+def test_a_source_that_cannot_renew_is_never_renewed_and_not_counted_up() -> None:
+    source, runner = InMemorySource(renew_every=None), FakeRunner()
+    source.add("t-1", sleep=0.3)
+    source.down = True  # only until the first claim fails: then back
+    recorder = Recorder()
+
+    async def back(host: Host) -> None:
+        await until(lambda: len(source.named("claim")) >= 1, what="a first claim")
+        source.down = False
+
+    drive(make_config(), source, runner, hooks=Hooks([recorder]), during=back)
+
+    assert source.named("renew") == []
+    assert [e.name for e in recorder.events if e.task_id is None] == [events.SOURCE_DOWN, events.SOURCE_UP]
+
+
+def test_a_lost_lease_stops_the_container_and_reports_nothing() -> None:
+    source, runner = InMemorySource(renew_every=0.05), FakeRunner()
+    source.add("t-1", sleep=30)
+    source.renew_error = LeaseLost("task t-1: the lease was lost (it expired and the task moved on)")
+    recorder = Recorder()
+
+    drive(make_config(), source, runner, hooks=Hooks([recorder]))
+
+    assert runner.killed == ["t-1"] and runner.runs[0].killed  # not left to run its 30 s for nobody
+    assert source.named("complete") == source.named("fail") == source.named("release") == []
+    assert recorder.names("t-1")[-1] == events.LEASE_LOST
+    assert "lease was lost" in recorder.of("t-1")[-1].data["error"]
+
+
+def test_renewal_during_an_outage_marks_the_source_down_then_up(caplog: pytest.LogCaptureFixture) -> None:
+    source, runner = InMemorySource(renew_every=0.05), FakeRunner()
+    source.add("t-1", sleep=0.6)
+    recorder = Recorder()
+
+    async def blink(host: Host) -> None:
+        await until(lambda: len(source.named("renew")) >= 1, what="a first renewal")
+        source.outages.add("renew")
+        await until(lambda: host.source_error is not None, what="the outage to be seen")
+
+    drive(make_config(), source, runner, hooks=Hooks([recorder]), during=blink)
+
+    assert [e.name for e in recorder.events if e.task_id is None] == [events.SOURCE_DOWN, events.SOURCE_UP]
+    assert source.status("t-1") == "completed"
+
+
+def test_an_unexpected_renewal_error_is_logged_and_renewal_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    source, runner = InMemorySource(renew_every=0.05), FakeRunner()
+    source.add("t-1", sleep=0.4)
+    source.renew_error = RuntimeError("the adapter has a bug")
+
+    drive(make_config(), source, runner)
+
+    assert len(source.named("renew")) >= 3  # tried again at each turn
+    logged = [r for r in caplog.records if "renewing its lease failed" in r.getMessage()]
+    assert logged and all("t-1" in r.getMessage() and r.exc_info for r in logged)
+    assert source.status("t-1") == "completed"
+
+
+def test_a_runner_that_raises_ends_the_attempt_with_a_named_reason_reported_at_once() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", script=["raise"])
+    source.add("t-2")
+    recorder = Recorder()
+    metrics = Metrics()
+
+    drive(make_config(worker("a", max_retries=3)), source, runner, hooks=Hooks([recorder, metrics]))
+
+    assert recorder.names("t-1") == [
+        events.TASK_RECEIVED, events.ATTEMPT_STARTED, events.ATTEMPT_FINISHED, events.TASK_FAILED,
+    ]  # fmt: skip
+    [call] = source.fails("t-1")
+    finished: Finished = call.args[1]
+    assert call.args[2] is None  # permanent: the same input would fail the same way
+    assert finished.outcome.error is not None and finished.outcome.error.type == "HostError"
+    assert "UnicodeEncodeError" in finished.outcome.error.message
+    assert source.status("t-2") == "completed"  # the host went on
+    assert metrics.in_flight.labels("a")._value.get() == 0
+
+
+def test_a_container_that_ended_as_the_grace_ran_out_is_reported_not_thrown_away() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", sleep=30, late=True, result="done just in time")
+
+    async def stop_while_running(host: Host) -> None:
+        await until(lambda: runner.started("t-1"), what="t-1 to start")
+        host.stop()
+
+    drive(make_config(grace="200ms"), source, runner, burst=False, during=stop_while_running)
+
+    assert runner.killed == ["t-1"]  # the kill was sent, and found the container already gone
+    assert source.named("release") == []
+    assert source.status("t-1") == "completed"
+    assert source.tasks["t-1"].finished is not None
+    assert source.tasks["t-1"].finished.outcome.result == "done just in time"
+
+
+@pytest.mark.parametrize(("max_attempts", "max_retries", "runs"), [(3, 0, 3), (1, 5, 1)])
+def test_the_tasks_own_max_attempts_decides_its_retries(max_attempts: int, max_retries: int, runs: int) -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", exit=1, max_attempts=max_attempts)
+
+    drive(make_config(worker("a", max_retries=max_retries)), source, runner)
+
+    assert [e.attempt for e in runner.envelopes("t-1")] == list(range(1, runs + 1))
+    assert source.status("t-1") == "failed"
+    assert source.fails("t-1")[-1].args[2] is None
+
+
+def test_progress_is_forwarded_to_a_source_that_keeps_it() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", progress=50, sleep=0.1)
+    recorder = Recorder()
+
+    drive(make_config(), source, runner, hooks=Hooks([recorder]))
+
+    assert source.progress_calls == [("t-1", 50.0, "halfway")]
+    [progress] = [e for e in recorder.of("t-1") if e.name == events.TASK_PROGRESS]
+    assert (progress.data["percent"], progress.data["message"]) == (50.0, "halfway")
+
+
+def test_progress_that_cannot_be_forwarded_is_logged_and_the_task_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", progress=50)
+    source.outages.add("progress")
+
+    drive(make_config(), source, runner)
+
+    assert source.status("t-1") == "completed"
+    [logged] = [r for r in caplog.records if "not forwarded" in r.getMessage()]
+    assert "t-1" in logged.getMessage() and "blinked on progress" in logged.getMessage()
+
+
+def test_a_report_that_never_lands_is_logged_once_and_the_host_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1")
+    source.add("t-2")
+    source.complete_outages["t-1"] = 1000
+
+    def few_tries(host: Host) -> None:
+        host.services.report_tries = 3
+
+    drive(make_config(), source, runner, setup=few_tries)
+
+    assert len(source.completes("t-1")) == 3
+    assert source.status("t-1") == "running"  # not reported: its lease will expire and it runs again
+    [logged] = [r for r in caplog.records if "was not reported" in r.getMessage()]
+    assert "t-1" in logged.getMessage() and "3 tries" in logged.getMessage()
+    assert source.status("t-2") == "completed"
+    assert len(runner.envelopes("t-1")) == 1  # not run again here
+
+
+def test_a_reap_the_engine_refuses_at_start_is_logged_and_the_host_serves(caplog: pytest.LogCaptureFixture) -> None:
+    source, runner = InMemorySource(), FakeRunner(reap_error=EngineError("the Docker engine does not answer"))
+    source.add("t-1")
+
+    drive(make_config(), source, runner)
+
+    assert source.status("t-1") == "completed"
+    [logged] = [r for r in caplog.records if "could not look for what dead processes left" in r.getMessage()]
+    assert "does not answer" in logged.getMessage()
+
+
+def test_an_adapter_bug_in_claim_is_logged_and_the_host_keeps_serving(caplog: pytest.LogCaptureFixture) -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1")
+    source.claim_error = TypeError("the adapter has a bug")
+
+    async def fixed(host: Host) -> None:
+        await until(lambda: len(source.named("claim")) >= 2, what="two claims")
+        source.claim_error = None
+
+    host = drive(make_config(), source, runner, during=fixed)
+
+    assert source.status("t-1") == "completed"
+    logged = [r for r in caplog.records if "failed to claim" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+    assert host.source_error is None
+
+
+def test_the_heartbeat_goes_on_while_the_drain_waits_and_stops_with_a_goodbye() -> None:
+    source, runner = InMemorySource(registry=True), FakeRunner()
+    source.add("t-1", sleep=0.5)
+    stopped: list[float] = []
+
+    async def stop_while_running(host: Host) -> None:
+        await until(lambda: runner.started("t-1"), what="t-1 to start")
+        stopped.append(time.monotonic())
+        host.stop()
+
+    drive(make_config(grace="5s"), source, runner, burst=False, during=stop_while_running)
+
+    beats = [c.at for c in source.named("heartbeat")]
+    assert beats[0] < source.named("claim")[0].at  # registered before the first claim
+    assert any(stopped[0] < at < runner.runs[0].end for at in beats)  # a sibling still sees it alive
+    assert source.named("forget") and source.named("forget")[0].at >= runner.runs[0].end
+    assert source.registered == {}
+    assert source.status("t-1") == "completed"

@@ -14,7 +14,7 @@ import pytest
 import runner.sources.http as http_source
 from runner.config import HttpSource, WorkerConfig
 from runner.protocol import ErrorInfo, Outcome, Status
-from runner.sources import ClaimedTask, Finished, LeaseLost, SourceUnavailable
+from runner.sources import ClaimedTask, Finished, HeldTask, LeaseLost, SourceUnavailable
 from runner.sources.http import HttpTaskSource, check_timeouts
 from tests.prismq_server import API_KEY, PrismQServer, prismq_server_fixture  # noqa: F401 (pytest finds it by name)
 
@@ -515,7 +515,7 @@ def test_health_of_an_unhealthy_server_is_source_unavailable(server: PrismQServe
     run(scenario())
 
 
-def test_renew_release_and_recover_do_not_call_the_server(
+def test_renew_release_and_recover_do_not_call_the_server_and_the_source_says_so(
     server: PrismQServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     task_id = server.create_task(ECHO)
@@ -527,8 +527,12 @@ def test_renew_release_and_recover_do_not_call_the_server(
         before = len(server.requests)
         await tasks.renew(claimed)
         await tasks.release(claimed)
-        await tasks.recover(claimed.id, "dead-host")
+        await tasks.recover(HeldTask(claimed.id, "dead-host", 1))
         assert len(server.requests) == before
+        # What the host reads instead of calling them: no renewal, no registry, retries its own.
+        assert tasks.capabilities.renew_every is None
+        assert not tasks.capabilities.registry
+        assert tasks.capabilities.owns_retries and tasks.capabilities.progress
         await tasks.close()
 
     with caplog.at_level(logging.INFO, logger="runner.sources.http"):

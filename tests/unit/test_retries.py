@@ -10,7 +10,7 @@ import pytest
 from runner.attempts import Report, new_task, run_task
 from runner.config import WorkerConfig
 from runner.docker import Observer, RunResult
-from runner.protocol import ContainerEnd, Envelope, ErrorInfo, Outcome, Status
+from runner.protocol import ContainerEnd, EngineFault, Envelope, ErrorInfo, Outcome, Status
 from runner.retries import STOP, Decision, RetryPolicy
 
 RETRIABLE = Outcome(Status.FAILED, retriable=True, error=ErrorInfo("Busy", "try later"), exit_code=1)
@@ -193,7 +193,9 @@ def test_retriable_then_permanent_stops() -> None:
 
 
 def test_engine_error_is_retried_when_retriable() -> None:
-    engine = ContainerEnd(exit_code=None, engine_error=ErrorInfo("EngineError", "busy"), engine_retriable=True)
+    engine = ContainerEnd(
+        exit_code=None, engine_error=ErrorInfo("EngineError", "busy"), engine_fault=EngineFault.SERVER
+    )
     runner = FakeRunner([engine, _success("ok")])
     report = run_task(runner, _worker(2), _task(), sleep=Sleeps())
     assert report.attempts == 2
@@ -289,3 +291,31 @@ def test_report_without_error_still_has_an_error_object() -> None:
     body = Report(_task(), Outcome(Status.FAILED), attempts=1).to_dict()
     assert set(body["error"]) == {"type", "message"}
     assert body["error"]["type"]
+
+
+def test_run_task_is_traced_like_serve_when_a_tracer_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from runner.config import TelemetryConfig
+    from runner.telemetry.events import Hooks
+    from runner.telemetry.tracing import Tracing
+
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(TelemetryConfig(), exporter=exporter)
+    runner = FakeRunner([ContainerEnd(exit_code=1), _success("ok")])
+    task = _task()
+
+    report = run_task(runner, _worker(2), task, sleep=Sleeps(), hooks=Hooks([tracing], contexts=tracing.span_context))
+    tracing.shutdown()
+
+    assert report.outcome.ok
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert {"attempt 1", "attempt 2", "receive T.A"} <= set(spans)
+    trace_id = task.traceparent.split("-")[1]
+    for attempt, envelope in zip(("attempt 1", "attempt 2"), runner.envelopes, strict=True):
+        context = spans[attempt].get_span_context()
+        assert context is not None
+        # The container got its attempt's own span context, in the task's trace.
+        assert envelope.traceparent == f"00-{trace_id}-{context.span_id:016x}-01"
+        assert f"{context.trace_id:032x}" == trace_id

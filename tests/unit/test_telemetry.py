@@ -6,6 +6,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -17,14 +18,36 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runner.config import TelemetryConfig
 from runner.sidechannel import WorkerSpan
-from runner.telemetry import events, logs
-from runner.telemetry.events import Event, Hooks, log_hook
+from runner.telemetry import logs, tracing
+from runner.telemetry.context import TraceContext, child_of, root_for
+from runner.telemetry.events import (
+    AttemptFinished,
+    AttemptStarted,
+    ContainerCreated,
+    ContainerRemoved,
+    EngineDown,
+    EngineUp,
+    Event,
+    Hooks,
+    LeaseLost,
+    SourceDown,
+    SourceUp,
+    TaskCompleted,
+    TaskFailed,
+    TaskProgress,
+    TaskReceived,
+    TaskReleased,
+    TaskRetrying,
+    TaskSubmitted,
+    WorkerSpanReceived,
+    log_hook,
+)
 from runner.telemetry.metrics import Metrics
 from runner.telemetry.tracing import Tracing, exporter_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
-TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"  # the caller's
 CORRELATION = "corr-42"
 T0 = 1_764_090_000_000_000_000  # ns
 PHASES = (
@@ -33,21 +56,43 @@ PHASES = (
     ("exchange", T0 + 30_000_000, T0 + 530_000_000),
     ("teardown", T0 + 530_000_000, T0 + 560_000_000),
 )
+ATTEMPT_END = T0 + 600_000_000
 OTEL_VARIABLES = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_PROTOCOL",
     "OTEL_SERVICE_NAME",
 )
+LIMITS = {"cpus": 1.0, "memory": 256 * 1024**2, "pids": 64, "timeout": 30.0, "network": "none", "runtime": None}
 
 
-def event(name: str, traceparent: str | None = None, task_id: str = "task-1", attempt: int = 1, **data: Any) -> Event:
-    return Event(name, task_id, "Echo", "echo", attempt, CORRELATION, data, traceparent)
+def keys(task_id: str = "task-1", attempt: int = 1, worker: str = "echo") -> dict[str, Any]:
+    """The task keys every event of one task carries."""
+    return {
+        "task_id": task_id,
+        "task_type": "Echo",
+        "worker": worker,
+        "attempt": attempt,
+        "correlation_id": CORRELATION,
+    }
 
 
-def finished(outcome: str = "completed", error: str | None = None, **extra: Any) -> dict[str, Any]:
-    """ATTEMPT_FINISHED's data, as the host builds it."""
-    data: dict[str, Any] = {
+def started(attempt: TraceContext, task: TraceContext, number: int = 1, **extra: Any) -> AttemptStarted:
+    """AttemptStarted as the host emits it: ``attempt`` minted as a child of the task's context."""
+    fields: dict[str, Any] = {"image": "echo:1", "limits": LIMITS, "start_ns": T0 - 1_000_000, **extra}
+    return AttemptStarted(**keys(attempt=number), traceparent=str(attempt), parent=str(task), **fields)
+
+
+def finished(
+    attempt: TraceContext | None = None,
+    task: TraceContext | None = None,
+    outcome: str = "completed",
+    error: str | None = None,
+    number: int = 1,
+    **extra: Any,
+) -> AttemptFinished:
+    """AttemptFinished as the host emits it."""
+    fields: dict[str, Any] = {
         "outcome": outcome,
         "exit_code": 0 if outcome == "completed" else 2,
         "oom_killed": False,
@@ -61,21 +106,36 @@ def finished(outcome: str = "completed", error: str | None = None, **extra: Any)
         "stderr_bytes": 0,
         "phases": PHASES,
         "side_channel": None,
+        "start_ns": T0 - 1_000_000,
+        "end_ns": ATTEMPT_END,
+        **extra,
     }
-    data.update(extra)
-    return data
+    traceparent = str(attempt) if attempt else None
+    return AttemptFinished(
+        **keys(attempt=number), traceparent=traceparent, parent=str(task) if task else None, **fields
+    )
 
 
-def traceparent_of(span: ReadableSpan) -> str:
-    ctx = span.get_span_context()
-    assert ctx is not None
-    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+def submitted(submit: TraceContext, caller: str | None) -> TaskSubmitted:
+    """TaskSubmitted as the API emits it: ``submit`` minted as a child of the caller's traceparent."""
+    return TaskSubmitted(
+        task_id="task-1", task_type="Echo", correlation_id=CORRELATION, traceparent=str(submit), parent=caller,
+        start_ns=T0 - 9_000_000, end_ns=T0 - 7_000_000,
+    )  # fmt: skip
+
+
+def received(task: TraceContext, number: int = 1, root: bool = False) -> TaskReceived:
+    return TaskReceived(**keys(attempt=number), traceparent=str(task), root=root, claim_started_ns=T0 - 5_000_000)
 
 
 def ids(span: ReadableSpan) -> tuple[int, int]:
     ctx = span.get_span_context()
     assert ctx is not None
     return ctx.trace_id, ctx.span_id
+
+
+def ids_of(context: TraceContext) -> tuple[int, int]:
+    return int(context.trace_id, 16), int(context.span_id, 16)
 
 
 def parent_id(span: ReadableSpan) -> int | None:
@@ -87,15 +147,15 @@ def otel(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Tracing, InMemorySpa
     for name in OTEL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     exporter = InMemorySpanExporter()
-    tracing = Tracing(TelemetryConfig(), exporter=exporter)
-    yield tracing, exporter
-    tracing.shutdown()
+    hook = Tracing(TelemetryConfig(), exporter=exporter)
+    yield hook, exporter
+    hook.shutdown()
 
 
 def exported(otel: tuple[Tracing, InMemorySpanExporter]) -> list[ReadableSpan]:
-    tracing, exporter = otel
-    assert tracing._provider is not None
-    tracing._provider.force_flush()
+    hook, exporter = otel
+    assert hook._processor is not None
+    hook._processor.force_flush()
     return list(exporter.get_finished_spans())
 
 
@@ -105,58 +165,61 @@ def by_name(spans: list[ReadableSpan]) -> dict[str, ReadableSpan]:
     return named
 
 
-def run_attempt(tracing: Tracing, traceparent: str | None, attempt: int = 1, **finish: Any) -> dict[str, str]:
-    """One claim and attempt as ``Host._handle`` emits them; returns the attempt's carrier."""
-    tracing(event(events.TASK_RECEIVED, traceparent, attempt=attempt, claim_started_ns=None))
-    carrier: dict[str, str] = {}
-    limits = {"cpus": 1.0, "memory": 256 * 1024**2, "pids": 64, "timeout": 30.0, "network": "none", "runtime": None}
-    tracing(event(events.ATTEMPT_STARTED, traceparent, attempt=attempt, image="echo:1", limits=limits, carrier=carrier))
-    tracing(event(events.ATTEMPT_FINISHED, carrier.get("traceparent"), attempt=attempt, **finished(**finish)))
-    return carrier
+def run_attempt(hook: Tracing, task: TraceContext, number: int = 1, root: bool = False, **finish: Any) -> TraceContext:
+    """One claim and attempt as the host emits them; returns the attempt's context (the container's TRACEPARENT)."""
+    hook(received(task, number, root))
+    attempt = child_of(task)
+    hook(started(attempt, task, number))
+    hook(finished(attempt, task, number=number, **finish))
+    return attempt
 
 
 # -- tracing ---------------------------------------------------------------------------------------------------
 
 
-def test_submit_span_continues_an_incoming_traceparent_and_replaces_it(
-    otel: tuple[Tracing, InMemorySpanExporter],
-) -> None:
-    tracing, _ = otel
-    carrier = {"traceparent": TRACEPARENT, "tracestate": "vendor=1"}
-    tracing(Event(events.TASK_SUBMITTED, "task-1", "Echo", correlation_id=CORRELATION, data={"carrier": carrier}))
+def test_submit_span_has_the_minted_ids_and_the_caller_as_parent(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
+    hook, _ = otel
+    submit_context = child_of(TRACEPARENT)
+    hook(submitted(submit_context, TRACEPARENT))
     (submit,) = exported(otel)
     assert submit.name == "submit Echo"
     assert submit.kind is SpanKind.SERVER
-    assert ids(submit)[0] == int(TRACE_ID, 16)
-    assert parent_id(submit) == int(PARENT_ID, 16)
-    assert carrier["traceparent"] == traceparent_of(submit)
-    assert carrier["traceparent"] != TRACEPARENT
-    assert submit.attributes is not None
-    assert submit.attributes["workerhost.task.id"] == "task-1"
-    assert submit.attributes["workerhost.correlation_id"] == CORRELATION
+    assert ids(submit) == ids_of(submit_context)
+    assert ids(submit)[0] == int(TRACE_ID, 16)  # the caller's trace, continued
+    assert submit.parent is not None and submit.parent.is_remote
+    assert (submit.parent.trace_id, submit.parent.span_id) == (int(TRACE_ID, 16), int(PARENT_ID, 16))
+    assert (submit.start_time, submit.end_time) == (T0 - 9_000_000, T0 - 7_000_000)
+    attrs = dict(submit.attributes or {})
+    assert attrs["workerhost.task.id"] == "task-1"
+    assert attrs["workerhost.correlation_id"] == CORRELATION
 
 
-def test_submit_without_incoming_context_starts_a_trace(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
-    tracing, _ = otel
-    carrier: dict[str, str] = {}
-    tracing(Event(events.TASK_SUBMITTED, "task-1", "Echo", correlation_id=CORRELATION, data={"carrier": carrier}))
+def test_submit_without_a_caller_starts_a_trace(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
+    hook, _ = otel
+    submit_context = child_of(None)
+    hook(submitted(submit_context, None))
     (submit,) = exported(otel)
     assert submit.parent is None
-    assert carrier == {"traceparent": traceparent_of(submit)}
+    assert ids(submit) == ids_of(submit_context)
 
 
-def test_attempt_span_is_a_child_of_the_task_context_and_goes_into_the_carrier(
+def test_attempt_span_has_exactly_the_attempt_context_and_hangs_from_the_task(
     otel: tuple[Tracing, InMemorySpanExporter],
 ) -> None:
-    tracing, _ = otel
-    carrier = run_attempt(tracing, TRACEPARENT)
-    tracing(event(events.TASK_COMPLETED, carrier["traceparent"]))
+    hook, _ = otel
+    task = child_of(TRACEPARENT)  # the submit span's context, stored with the task
+    attempt_context = run_attempt(hook, task)
+    hook(TaskCompleted(**keys(), traceparent=str(attempt_context)))
     spans = by_name(exported(otel))
     receive, attempt = spans["receive Echo"], spans["attempt 1"]
     assert receive.kind is SpanKind.CONSUMER
-    assert ids(receive)[0] == ids(attempt)[0] == int(TRACE_ID, 16)
-    assert parent_id(receive) == parent_id(attempt) == int(PARENT_ID, 16)
-    assert carrier == {"traceparent": traceparent_of(attempt)}
+    assert ids(receive)[0] == int(TRACE_ID, 16)
+    assert parent_id(receive) == parent_id(attempt) == int(task.span_id, 16)
+    assert ids(receive)[1] not in (int(task.span_id, 16), int(attempt_context.span_id, 16))
+    assert receive.start_time == T0 - 5_000_000
+    # The container got attempt_context as TRACEPARENT: the attempt span is exactly that span.
+    assert ids(attempt) == ids_of(attempt_context)
+    assert (attempt.start_time, attempt.end_time) == (T0 - 1_000_000, ATTEMPT_END)
     assert attempt.status.status_code is StatusCode.UNSET
     assert attempt.events == ()
     attrs = dict(attempt.attributes or {})
@@ -170,15 +233,18 @@ def test_attempt_span_is_a_child_of_the_task_context_and_goes_into_the_carrier(
     assert attrs["workerhost.oom_killed"] is False
     assert attrs["container.id"] == "c0ntainer"
     assert attrs["container.image.id"] == "sha256:abc"
+    assert attrs["workerhost.stdin.bytes"] == 100
     assert attrs["workerhost.duration_seconds"] == 0.5
     assert attrs["workerhost.attempt"] == 1
     assert attrs["workerhost.worker"] == "echo"
     assert "workerhost.error" not in attrs
+    assert "workerhost.cancelled" not in attrs
+    assert hook._attempts == {}
 
 
 def test_phases_become_children_of_the_attempt_with_their_times(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
-    tracing, _ = otel
-    run_attempt(tracing, TRACEPARENT)
+    hook, _ = otel
+    run_attempt(hook, child_of(TRACEPARENT))
     spans = by_name(exported(otel))
     attempt = spans["attempt 1"]
     for name, start, end in PHASES:
@@ -188,22 +254,25 @@ def test_phases_become_children_of_the_attempt_with_their_times(otel: tuple[Trac
         assert (phase.start_time, phase.end_time) == (start, end)
         attrs = dict(phase.attributes or {})
         assert attrs["workerhost.correlation_id"] == CORRELATION
+        assert attrs["workerhost.task.id"] == "task-1"
         if name == "create":
             assert "container.id" not in attrs  # there is no container before it is created
         else:
             assert attrs["container.id"] == "c0ntainer"
 
 
-def test_worker_span_is_exported_with_the_workers_ids_and_times(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
-    tracing, _ = otel
-    tracing(event(events.TASK_RECEIVED, TRACEPARENT))
-    carrier: dict[str, str] = {}
-    tracing(event(events.ATTEMPT_STARTED, TRACEPARENT, image="echo:1", limits={}, carrier=carrier))
-    attempt_span_id = int(carrier["traceparent"].split("-")[2], 16)
+def test_worker_spans_hang_under_the_attempt_with_the_workers_ids_and_times(
+    otel: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    hook, _ = otel
+    task = child_of(TRACEPARENT)
+    hook(received(task))
+    attempt_context = child_of(task)
+    hook(started(attempt_context, task))
     fetch = WorkerSpan(
         trace_id=int(TRACE_ID, 16),
         span_id=0x1122334455667788,
-        parent_id=attempt_span_id,
+        parent_id=int(attempt_context.span_id, 16),  # the worker's parent is its TRACEPARENT
         name="fetch",
         start=1764090000.25,
         end=1764090000.75,
@@ -213,14 +282,14 @@ def test_worker_span_is_exported_with_the_workers_ids_and_times(otel: tuple[Trac
         int(TRACE_ID, 16), 0x99AABBCCDDEEFF00, fetch.span_id, "parse", 1764090000.5, 1764090000.5, {}, "ValueError: x"
     )
     for span in (fetch, parse):
-        tracing(event(events.WORKER_SPAN, carrier["traceparent"], span=span))
-    tracing(event(events.ATTEMPT_FINISHED, carrier["traceparent"], **finished()))
+        hook(WorkerSpanReceived(**keys(), traceparent=str(attempt_context), span=span))
+    hook(finished(attempt_context, task))
     spans = by_name(exported(otel))
     got = spans["fetch"]
     assert ids(got) == (fetch.trace_id, fetch.span_id)
     assert got.parent is not None
     assert got.parent.trace_id == fetch.trace_id
-    assert parent_id(got) == attempt_span_id == ids(spans["attempt 1"])[1]
+    assert parent_id(got) == ids(spans["attempt 1"])[1] == int(attempt_context.span_id, 16)
     # Float seconds near 1.76e9 resolve to about 240 ns: the same instant to well within a microsecond.
     assert got.start_time is not None and abs(got.start_time - 1_764_090_000_250_000_000) <= 1000
     assert got.end_time is not None and abs(got.end_time - 1_764_090_000_750_000_000) <= 1000
@@ -240,9 +309,9 @@ def test_worker_span_is_exported_with_the_workers_ids_and_times(otel: tuple[Trac
 
 
 def test_worker_span_without_parent_is_a_root(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
-    tracing, _ = otel
+    hook, _ = otel
     span = WorkerSpan(int(TRACE_ID, 16), 0xABC, None, "lonely", 1764090000.0, 1764090001.0, {})
-    tracing(event(events.WORKER_SPAN, span=span))
+    hook(WorkerSpanReceived(**keys(), span=span))
     (got,) = exported(otel)
     assert got.parent is None
     assert ids(got) == (int(TRACE_ID, 16), 0xABC)
@@ -264,8 +333,8 @@ def test_failed_outcome_marks_the_attempt_span_as_error(
     kind: str,
     message: str,
 ) -> None:
-    tracing, _ = otel
-    run_attempt(tracing, TRACEPARENT, outcome=outcome, error=error)
+    hook, _ = otel
+    run_attempt(hook, child_of(TRACEPARENT), outcome=outcome, error=error)
     attempt = by_name(exported(otel))["attempt 1"]
     assert attempt.status.status_code is StatusCode.ERROR
     assert attempt.status.description == description
@@ -279,14 +348,22 @@ def test_failed_outcome_marks_the_attempt_span_as_error(
         assert attrs["workerhost.error"] == error
 
 
+def test_a_cancelled_attempt_says_so(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
+    hook, _ = otel
+    run_attempt(hook, child_of(TRACEPARENT), outcome="failed", error="Cancelled: host shutting down", cancelled=True)
+    attrs = dict(by_name(exported(otel))["attempt 1"].attributes or {})
+    assert attrs["workerhost.cancelled"] is True
+
+
 def test_progress_becomes_an_event_of_the_attempt_span(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
-    tracing, _ = otel
-    tracing(event(events.TASK_RECEIVED, TRACEPARENT))
-    carrier: dict[str, str] = {}
-    tracing(event(events.ATTEMPT_STARTED, TRACEPARENT, image="echo:1", limits={}, carrier=carrier))
-    tracing(event(events.TASK_PROGRESS, carrier["traceparent"], percent=40.0, message="page 2 of 5"))
-    tracing(event(events.TASK_PROGRESS, carrier["traceparent"], percent=80.0, message=None))
-    tracing(event(events.ATTEMPT_FINISHED, carrier["traceparent"], **finished()))
+    hook, _ = otel
+    task = child_of(TRACEPARENT)
+    hook(received(task))
+    attempt_context = child_of(task)
+    hook(started(attempt_context, task))
+    hook(TaskProgress(**keys(), traceparent=str(attempt_context), percent=40.0, message="page 2 of 5"))
+    hook(TaskProgress(**keys(), traceparent=str(attempt_context), percent=80.0, message=None))
+    hook(finished(attempt_context, task))
     attempt = by_name(exported(otel))["attempt 1"]
     assert [(e.name, dict(e.attributes or {})) for e in attempt.events] == [
         ("progress", {"percent": 40.0, "message": "page 2 of 5"}),
@@ -295,17 +372,18 @@ def test_progress_becomes_an_event_of_the_attempt_span(otel: tuple[Tracing, InMe
 
 
 def test_correlation_id_is_an_attribute_on_every_span(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
-    tracing, _ = otel
-    carrier = {"traceparent": TRACEPARENT}
-    tracing(Event(events.TASK_SUBMITTED, "task-1", "Echo", correlation_id=CORRELATION, data={"carrier": carrier}))
-    tracing(event(events.TASK_RECEIVED, carrier["traceparent"]))
-    attempt_carrier: dict[str, str] = {}
-    tracing(event(events.ATTEMPT_STARTED, carrier["traceparent"], image="e", limits={}, carrier=attempt_carrier))
-    parent = int(attempt_carrier["traceparent"].split("-")[2], 16)
-    worker = WorkerSpan(int(TRACE_ID, 16), 0x1234, parent, "work", 1764090000.0, 1764090001.0, {"k": "v"})
-    tracing(event(events.WORKER_SPAN, attempt_carrier["traceparent"], span=worker))
-    tracing(event(events.ATTEMPT_FINISHED, attempt_carrier["traceparent"], **finished("failed", "E: x")))
-    tracing(event(events.TASK_FAILED, attempt_carrier["traceparent"], outcome="failed", error="E: x"))
+    hook, _ = otel
+    task = child_of(TRACEPARENT)
+    hook(submitted(task, TRACEPARENT))
+    hook(received(task))
+    attempt_context = child_of(task)
+    hook(started(attempt_context, task))
+    worker = WorkerSpan(
+        int(TRACE_ID, 16), 0x1234, int(attempt_context.span_id, 16), "work", 1764090000.0, 1764090001.0, {"k": "v"}
+    )
+    hook(WorkerSpanReceived(**keys(), traceparent=str(attempt_context), span=worker))
+    hook(finished(attempt_context, task, "failed", "E: x"))
+    hook(TaskFailed(**keys(), traceparent=str(attempt_context), outcome="failed", error="E: x"))
     spans = exported(otel)
     assert sorted(s.name for s in spans) == sorted(
         ["submit Echo", "receive Echo", "attempt 1", "work"] + [f"container.{name}" for name, _, _ in PHASES]
@@ -316,80 +394,129 @@ def test_correlation_id_is_an_attribute_on_every_span(otel: tuple[Tracing, InMem
 
 
 def test_task_without_traceparent_gets_a_root_task_span(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
-    tracing, _ = otel
-    carrier = run_attempt(tracing, None)
+    hook, _ = otel
+    root_context = root_for("task-1")
+    attempt_context = run_attempt(hook, root_context, root=True)
     spans = by_name(exported(otel))
     root = spans["task Echo"]
     assert root.parent is None
+    assert ids(root) == ids_of(root_context)
     assert (root.attributes or {}).get("workerhost.correlation_id") == CORRELATION
     trace_id, root_id = ids(root)
     for name in ("receive Echo", "attempt 1"):
         assert ids(spans[name])[0] == trace_id
         assert parent_id(spans[name]) == root_id
-    assert carrier["traceparent"] == traceparent_of(spans["attempt 1"])
+    assert ids(spans["attempt 1"]) == ids_of(attempt_context)
 
 
 def test_two_attempts_of_one_task_are_siblings_in_one_trace(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
-    tracing, _ = otel
-    first = run_attempt(tracing, TRACEPARENT, attempt=1, outcome="failed", error="RetriableError: busy")
-    tracing(event(events.TASK_RETRYING, first["traceparent"], delay=1.0, error="RetriableError: busy"))
-    second = run_attempt(tracing, TRACEPARENT, attempt=2)
-    tracing(event(events.TASK_COMPLETED, second["traceparent"], attempt=2))
+    hook, _ = otel
+    task = child_of(TRACEPARENT)
+    first = run_attempt(hook, task, 1, outcome="failed", error="RetriableError: busy")
+    hook(TaskRetrying(**keys(), traceparent=str(first), delay=1.0, error="RetriableError: busy"))
+    second = run_attempt(hook, task, 2)
+    hook(TaskCompleted(**keys(attempt=2), traceparent=str(second)))
     spans = exported(otel)
     attempts = {s.name: s for s in spans if s.name.startswith("attempt ")}
     one, two = attempts["attempt 1"], attempts["attempt 2"]
+    assert (ids(one), ids(two)) == (ids_of(first), ids_of(second))
     assert ids(one)[0] == ids(two)[0] == int(TRACE_ID, 16)
-    assert parent_id(one) == parent_id(two) == int(PARENT_ID, 16)
+    assert parent_id(one) == parent_id(two) == int(task.span_id, 16)
     assert ids(one)[1] != ids(two)[1]
-    assert first["traceparent"] != second["traceparent"]
     assert one.status.status_code is StatusCode.ERROR
     assert two.status.status_code is StatusCode.UNSET
     phase_parents = {parent_id(s) for s in spans if s.name == "container.exchange"}
     assert phase_parents == {ids(one)[1], ids(two)[1]}
 
 
-def test_retries_of_a_task_without_traceparent_stay_in_its_first_trace(
+def test_retries_of_a_root_task_stay_in_one_trace_with_one_root_span(
     otel: tuple[Tracing, InMemorySpanExporter],
 ) -> None:
-    tracing, _ = otel
-    first = run_attempt(tracing, None, attempt=1, outcome="failed", error="RetriableError: busy")
-    tracing(event(events.TASK_RETRYING, first["traceparent"], delay=1.0))
-    second = run_attempt(tracing, None, attempt=2)
-    tracing(event(events.TASK_COMPLETED, second["traceparent"], attempt=2))
+    hook, _ = otel
+    # Every claim of the task gets the same root from the host: root_for(task id).
+    first = run_attempt(hook, root_for("task-1"), 1, root=True, outcome="failed", error="RetriableError: busy")
+    hook(TaskRetrying(**keys(), traceparent=str(first), delay=1.0))
+    second = run_attempt(hook, root_for("task-1"), 2, root=True)
+    hook(TaskCompleted(**keys(attempt=2), traceparent=str(second)))
     spans = exported(otel)
     roots = [s for s in spans if s.name == "task Echo"]
     assert len(roots) == 1  # one trace for the task, not one per claim
     attempts = [s for s in spans if s.name.startswith("attempt ")]
+    assert len(attempts) == 2
     assert {ids(a)[0] for a in attempts} == {ids(roots[0])[0]}
     assert {parent_id(a) for a in attempts} == {ids(roots[0])[1]}
+    assert hook._roots == {}  # done for good: nothing kept
 
 
-def test_attempt_finished_without_a_started_attempt_is_ignored(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
-    tracing, _ = otel
-    tracing(event(events.ATTEMPT_FINISHED, **finished()))
+def test_a_context_not_sampled_exports_nothing(otel: tuple[Tracing, InMemorySpanExporter]) -> None:
+    hook, _ = otel
+    caller = f"00-{TRACE_ID}-{PARENT_ID}-00"
+    task = child_of(caller)
+    assert not task.sampled
+    hook(submitted(task, caller))
+    hook(received(task))
+    attempt_context = child_of(task)
+    hook(started(attempt_context, task))
+    hook(TaskProgress(**keys(), traceparent=str(attempt_context), percent=50.0))
+    worker = WorkerSpan(int(TRACE_ID, 16), 0x1234, int(attempt_context.span_id, 16), "work", 1.0, 2.0, {})
+    hook(WorkerSpanReceived(**keys(), traceparent=str(attempt_context), span=worker))
+    hook(finished(attempt_context, task, "failed", "E: x"))
     assert exported(otel) == []
+
+
+def test_attempt_finished_without_attempt_started_still_exports_the_attempt(
+    otel: tuple[Tracing, InMemorySpanExporter],
+) -> None:
+    hook, _ = otel
+    task = child_of(TRACEPARENT)
+    attempt_context = child_of(task)
+    hook(finished(attempt_context, task, "failed", "EngineError: cannot create", phases=()))
+    (attempt,) = exported(otel)
+    assert attempt.name == "attempt 1"
+    assert ids(attempt) == ids_of(attempt_context)
+    assert parent_id(attempt) == int(task.span_id, 16)
+    assert (attempt.start_time, attempt.end_time) == (T0 - 1_000_000, ATTEMPT_END)
+    assert attempt.status.status_code is StatusCode.ERROR
+    assert attempt.status.description == "EngineError: cannot create"
+    attrs = dict(attempt.attributes or {})
+    assert attrs["workerhost.outcome"] == "failed"
+    assert attrs["workerhost.task.id"] == "task-1"
+    assert "workerhost.image" not in attrs  # only AttemptStarted knew it
+
+
+def test_what_tracing_keeps_is_freed_and_bounded(
+    otel: tuple[Tracing, InMemorySpanExporter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hook, _ = otel
+    task = child_of(TRACEPARENT)
+    hook(started(child_of(task), task))
+    hook(TaskReleased(**keys()))
+    assert hook._attempts == {}
+    monkeypatch.setattr(tracing, "_MAX_OPEN", 2)
+    for n in range(3):
+        hook(AttemptStarted(**keys(task_id=f"t{n}"), traceparent=str(child_of(task)), parent=str(task)))
+        hook(TaskReceived(**keys(task_id=f"r{n}"), traceparent=str(root_for(f"r{n}")), root=True))
+    assert list(hook._attempts) == ["t1", "t2"]
+    assert list(hook._roots) == ["r1", "r2"]
 
 
 def test_without_endpoint_tracing_is_disabled_and_ignores_events(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in OTEL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    tracing = Tracing(TelemetryConfig())
-    assert tracing.enabled is False
-    assert tracing._provider is None
-    submit_carrier = {"traceparent": TRACEPARENT}
-    tracing(Event(events.TASK_SUBMITTED, "task-1", "Echo", data={"carrier": submit_carrier}))
-    assert submit_carrier == {"traceparent": TRACEPARENT}
-    tracing(event(events.TASK_RECEIVED, TRACEPARENT))
-    attempt_carrier: dict[str, str] = {}
-    tracing(event(events.ATTEMPT_STARTED, TRACEPARENT, image="e", limits={}, carrier=attempt_carrier))
-    assert attempt_carrier == {}
+    hook = Tracing(TelemetryConfig())
+    assert hook.enabled is False
+    assert hook._processor is None
+    task = child_of(TRACEPARENT)
+    attempt_context = child_of(task)
+    hook(submitted(task, TRACEPARENT))
+    hook(received(root_for("task-1"), root=True))
+    hook(started(attempt_context, task))
     worker = WorkerSpan(int(TRACE_ID, 16), 1, None, "w", 1764090000.0, 1764090001.0, {})
-    tracing(event(events.WORKER_SPAN, span=worker))
-    tracing(event(events.ATTEMPT_FINISHED, **finished()))
-    tracing(event(events.TASK_COMPLETED))
-    assert tracing._attempts == {}
-    assert tracing._parents == {}
-    tracing.shutdown()
+    hook(WorkerSpanReceived(**keys(), span=worker))
+    assert hook._attempts == {}  # nothing kept, either
+    assert hook._roots == {}
+    hook(finished(attempt_context, task))
+    hook.shutdown()
 
 
 def test_endpoint_from_the_environment_enables_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -453,15 +580,24 @@ def test_a_failing_hook_is_logged_and_the_next_hooks_still_run(caplog: pytest.Lo
     hooks = Hooks([lambda e: seen.append("first:" + e.name), broken])
     hooks.add(lambda e: seen.append("last:" + e.name))
     with caplog.at_level(logging.ERROR, logger="runner.telemetry.events"):
-        hooks.emit(event(events.TASK_COMPLETED))
-        hooks.emit(event(events.TASK_FAILED))
+        hooks.emit(TaskCompleted(**keys()))
+        hooks.emit(TaskFailed(**keys()))
     assert seen == ["first:task_completed", "last:task_completed", "first:task_failed", "last:task_failed"]
     records = [r for r in caplog.records if r.name == "runner.telemetry.events"]
     assert len(records) == 2
     assert records[0].levelno == logging.ERROR
     assert "task_completed" in records[0].getMessage()
+    assert "task-1" in records[0].getMessage()
     assert records[0].exc_info is not None
     assert "telemetry is down" in str(records[0].exc_info[1])
+
+
+def test_events_are_frozen_and_data_holds_their_own_fields() -> None:
+    event = TaskRetrying(**keys(), traceparent=TRACEPARENT, delay=2.0, error="E: x")
+    assert event.name == "task_retrying"
+    assert event.data == {"delay": 2.0, "error": "E: x"}
+    with pytest.raises(AttributeError):
+        event.delay = 3.0  # type: ignore[misc]
 
 
 # -- event logs --------------------------------------------------------------------------------------------------
@@ -492,10 +628,8 @@ def test_task_event_becomes_one_json_line_with_the_stable_keys(
     event_log: tuple[logging.Handler, io.StringIO],
 ) -> None:
     _, stream = event_log
-    attempt_tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-1122334455667788-01"
-    log_hook(
-        event(events.ATTEMPT_FINISHED, attempt_tp, attempt=2, **finished("failed", "ValueError: x", side_channel=None))
-    )
+    attempt = TraceContext(TRACE_ID, "1122334455667788")
+    log_hook(finished(attempt, child_of(TRACEPARENT), "failed", "ValueError: x", number=2))
     (line,) = json_lines(stream)
     assert list(line)[:9] == list(logs.KEYS)
     datetime.fromisoformat(line["ts"])
@@ -514,13 +648,14 @@ def test_task_event_becomes_one_json_line_with_the_stable_keys(
     assert line["exit_code"] == 2
     assert line["oom_killed"] is False
     assert line["container_id"] == "c0ntainer"
-    for absent in ("phases", "carrier", "span", "side_channel", "message", "logger"):
+    # Trace plumbing and bulky fields are for the tracing hook, not for the log line.
+    for absent in ("phases", "span", "parent", "start_ns", "end_ns", "side_channel", "message", "logger"):
         assert absent not in line
 
 
 def test_event_without_traceparent_has_no_trace_keys(event_log: tuple[logging.Handler, io.StringIO]) -> None:
     _, stream = event_log
-    log_hook(event(events.TASK_RECEIVED, None, claim_started_ns=None))
+    log_hook(TaskReceived(**keys(), claim_started_ns=T0))
     (line,) = json_lines(stream)
     assert line["event"] == "task_received"
     assert "trace_id" not in line and "span_id" not in line
@@ -528,25 +663,26 @@ def test_event_without_traceparent_has_no_trace_keys(event_log: tuple[logging.Ha
 
 
 @pytest.mark.parametrize(
-    ("name", "level"),
+    ("event", "level"),
     [
-        (events.TASK_FAILED, "warning"),
-        (events.LEASE_LOST, "warning"),
-        (events.TASK_RETRYING, "warning"),
-        (events.TASK_COMPLETED, "info"),
-        (events.TASK_RECEIVED, "info"),
+        (TaskFailed(**keys(), traceparent=TRACEPARENT, error="E: x"), "warning"),
+        (LeaseLost(**keys(), traceparent=TRACEPARENT, error="E: x"), "warning"),
+        (TaskRetrying(**keys(), traceparent=TRACEPARENT, error="E: x"), "warning"),
+        (TaskCompleted(**keys(), traceparent=TRACEPARENT), "info"),
+        (TaskReceived(**keys(), traceparent=TRACEPARENT), "info"),
     ],
+    ids=lambda value: value.name if isinstance(value, Event) else value,
 )
-def test_event_levels(event_log: tuple[logging.Handler, io.StringIO], name: str, level: str) -> None:
+def test_event_levels(event_log: tuple[logging.Handler, io.StringIO], event: Event, level: str) -> None:
     _, stream = event_log
-    log_hook(event(name, TRACEPARENT, error="E: x"))
+    log_hook(event)
     (line,) = json_lines(stream)
-    assert (line["event"], line["level"]) == (name, level)
+    assert (line["event"], line["level"]) == (event.name, level)
 
 
 def test_side_channel_problems_make_the_attempt_a_warning(event_log: tuple[logging.Handler, io.StringIO]) -> None:
     _, stream = event_log
-    log_hook(event(events.ATTEMPT_FINISHED, **finished(side_channel="2 malformed side-channel lines ignored")))
+    log_hook(finished(side_channel="2 malformed side-channel lines ignored"))
     (line,) = json_lines(stream)
     assert line["level"] == "warning"
     assert line["side_channel"] == "2 malformed side-channel lines ignored"
@@ -555,15 +691,16 @@ def test_side_channel_problems_make_the_attempt_a_warning(event_log: tuple[loggi
 def test_quiet_events_are_not_logged(event_log: tuple[logging.Handler, io.StringIO]) -> None:
     _, stream = event_log
     span = WorkerSpan(int(TRACE_ID, 16), 1, None, "w", 1764090000.0, 1764090001.0, {})
-    log_hook(event(events.WORKER_SPAN, span=span))
-    log_hook(event(events.TASK_SUBMITTED, carrier={}))
-    log_hook(event(events.CONTAINER_CREATED, container_id="c"))
+    log_hook(WorkerSpanReceived(**keys(), span=span))
+    log_hook(TaskSubmitted(**keys(), traceparent=TRACEPARENT))
+    log_hook(ContainerCreated(**keys(), container_id="c"))
+    log_hook(ContainerRemoved(**keys(), container_id="c"))
     assert stream.getvalue() == ""
 
 
 def test_host_event_has_no_task_keys(event_log: tuple[logging.Handler, io.StringIO]) -> None:
     _, stream = event_log
-    log_hook(Event(events.SOURCE_DOWN, data={"error": "connection refused"}))
+    log_hook(SourceDown(error="connection refused"))
     (line,) = json_lines(stream)
     assert line == {"ts": line["ts"], "level": "warning", "event": "source_down", "error": "connection refused"}
 
@@ -571,7 +708,7 @@ def test_host_event_has_no_task_keys(event_log: tuple[logging.Handler, io.String
 def test_console_formatter_gives_one_readable_line(event_log: tuple[logging.Handler, io.StringIO]) -> None:
     handler, stream = event_log
     handler.setFormatter(logs.ConsoleFormatter())
-    log_hook(event(events.TASK_FAILED, TRACEPARENT, outcome="failed", error="ValueError: x"))
+    log_hook(TaskFailed(**keys(), traceparent=TRACEPARENT, outcome="failed", error="ValueError: x"))
     text = stream.getvalue()
     assert text.count("\n") == 1
     line = text.rstrip("\n")
@@ -599,30 +736,28 @@ def label(**labels: str) -> frozenset[tuple[str, str]]:
     return frozenset(labels.items())
 
 
-def worker_event(name: str, worker: str, task_id: str, **data: Any) -> Event:
-    return Event(name, task_id, "Echo", worker, 1, CORRELATION, data)
-
-
 def test_metrics_follow_the_events() -> None:
     metrics = Metrics()
     hooks = Hooks([metrics])
+    echo = keys(task_id="t1", worker="echo")
     # echo: failed, timed out, then OOM-killed and failed for good
     for outcome, oom, duration in (("failed", False, 0.3), ("timeout", False, 30.0), ("failed", True, 0.7)):
-        hooks.emit(worker_event(events.ATTEMPT_STARTED, "echo", "t1", carrier={}))
+        hooks.emit(AttemptStarted(**echo))
         assert samples(metrics)[("workerhost_tasks_in_flight", label(worker="echo"))] == 1
-        data = finished(outcome, "E: x", oom_killed=oom, duration=duration, start_latency=0.05)
-        hooks.emit(worker_event(events.ATTEMPT_FINISHED, "echo", "t1", **data))
+        attempt = finished(outcome=outcome, error="E: x", oom_killed=oom, duration=duration, start_latency=0.05)
+        hooks.emit(replace(attempt, **echo))
         if outcome == "failed" and oom:
-            hooks.emit(worker_event(events.TASK_FAILED, "echo", "t1", outcome="failed", error="E: x"))
+            hooks.emit(TaskFailed(**echo, outcome="failed", error="E: x"))
         else:
-            hooks.emit(worker_event(events.TASK_RETRYING, "echo", "t1", delay=1.0, error="E: x"))
+            hooks.emit(TaskRetrying(**echo, delay=1.0, error="E: x"))
     # stats: two tasks, both completed
-    for task_id in ("t2", "t3"):
-        hooks.emit(worker_event(events.ATTEMPT_STARTED, "stats", task_id, carrier={}))
+    stats = [keys(task_id=task_id, worker="stats") for task_id in ("t2", "t3")]
+    for task in stats:
+        hooks.emit(AttemptStarted(**task))
     assert samples(metrics)[("workerhost_tasks_in_flight", label(worker="stats"))] == 2
-    for task_id in ("t2", "t3"):
-        hooks.emit(worker_event(events.ATTEMPT_FINISHED, "stats", task_id, **finished(duration=1.5, start_latency=0)))
-        hooks.emit(worker_event(events.TASK_COMPLETED, "stats", task_id))
+    for task in stats:
+        hooks.emit(AttemptFinished(**task, outcome="completed", duration=1.5, start_latency=0))
+        hooks.emit(TaskCompleted(**task))
 
     got = samples(metrics)
     assert got[("workerhost_tasks_total", label(worker="echo", outcome="failed"))] == 1
@@ -651,21 +786,35 @@ def test_metrics_follow_the_events() -> None:
     assert ("workerhost_container_start_seconds_count", label(worker="stats")) not in got
 
 
+def test_in_flight_returns_to_zero_after_a_failed_attempt() -> None:
+    """AttemptFinished always follows AttemptStarted, even when the runner raised and no container ran."""
+    metrics = Metrics()
+    hooks = Hooks([metrics])
+    hooks.emit(AttemptStarted(**keys(), image="echo:1"))
+    assert samples(metrics)[("workerhost_tasks_in_flight", label(worker="echo"))] == 1
+    hooks.emit(AttemptFinished(**keys(), outcome="failed", error="EngineError: cannot create", start_latency=0.0))
+    hooks.emit(TaskRetrying(**keys(), delay=1.0, error="EngineError: cannot create"))
+    got = samples(metrics)
+    assert got[("workerhost_tasks_in_flight", label(worker="echo"))] == 0
+    assert got[("workerhost_attempts_total", label(worker="echo", outcome="failed"))] == 1
+    assert got[("workerhost_retries_total", label(worker="echo"))] == 1
+
+
 def test_metrics_for_host_events() -> None:
     metrics = Metrics()
     hooks = Hooks([metrics])
-    hooks.emit(Event(events.SOURCE_DOWN, data={"error": "x"}))
-    hooks.emit(Event(events.ENGINE_UP))
-    hooks.emit(worker_event(events.LEASE_LOST, "echo", "t1", error="gone"))
-    hooks.emit(worker_event(events.TASK_RELEASED, "echo", "t2"))
-    hooks.emit(worker_event(events.TASK_RELEASED, "echo", "t3"))
+    hooks.emit(SourceDown(error="x"))
+    hooks.emit(EngineUp())
+    hooks.emit(LeaseLost(**keys(task_id="t1"), error="gone"))
+    hooks.emit(TaskReleased(**keys(task_id="t2")))
+    hooks.emit(TaskReleased(**keys(task_id="t3")))
     got = samples(metrics)
     assert got[("workerhost_source_up", label())] == 0
     assert got[("workerhost_engine_up", label())] == 1
     assert got[("workerhost_lease_lost_total", label())] == 1
     assert got[("workerhost_tasks_released_total", label())] == 2
-    hooks.emit(Event(events.SOURCE_UP))
-    hooks.emit(Event(events.ENGINE_DOWN, data={"error": "x"}))
+    hooks.emit(SourceUp())
+    hooks.emit(EngineDown(error="x"))
     got = samples(metrics)
     assert got[("workerhost_source_up", label())] == 1
     assert got[("workerhost_engine_up", label())] == 0
@@ -673,6 +822,6 @@ def test_metrics_for_host_events() -> None:
 
 def test_two_metrics_instances_do_not_share_counts() -> None:
     first, second = Metrics(), Metrics()
-    first(worker_event(events.TASK_COMPLETED, "echo", "t1"))
+    first(TaskCompleted(**keys(task_id="t1")))
     assert samples(first)[("workerhost_tasks_total", label(worker="echo", outcome="completed"))] == 1
     assert ("workerhost_tasks_total", label(worker="echo", outcome="completed")) not in samples(second)
