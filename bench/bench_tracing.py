@@ -55,7 +55,8 @@ def one_round(tasks: int, endpoint: str | None) -> float:
         telemetry = config.telemetry.model_copy(update={"otlp_endpoint": endpoint or ""})
         tracing = Tracing(telemetry) if endpoint else None
         runner = DockerRunner(connect(), "bench-tracing", "bench")
-        host = Host(config, queue, runner, Hooks([tracing] if tracing else []), owner="bench")
+        hooks = Hooks([tracing], contexts=tracing.span_context) if tracing else Hooks()
+        host = Host(config, queue, runner, hooks, owner="bench")
         began = time.perf_counter()
         asyncio.run(host.run(burst=True))
         elapsed = time.perf_counter() - began

@@ -9,7 +9,7 @@ task to run again.
 
 Side tasks run beside the loop, each named and watched: the heartbeat (when
 the source keeps a registry of processes) and the janitor (engine ping, then
-removing what dead processes left: their containers first, then their tasks).
+what dead processes left: runner/owners.py's ``Undertaker``).
 A side task that fails is logged and tried again at its next turn; one that
 ends for good stops the host, cleanly.
 
@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from runner.config import Config, WorkerConfig
 from runner.docker import Reaped
 from runner.errors import EngineError
-from runner.owners import Liveness, new_owner
+from runner.owners import Undertaker, new_owner
 from runner.protocol import ErrorInfo, Outcome, Status
 from runner.retries import backoff
 from runner.sources import ClaimedTask, Finished, LeaseLost, SourceUnavailable, TaskSource
@@ -90,7 +90,6 @@ class Host:
         self.engine_error: str | None = "not checked yet"  # so that the first answer is an event
         self.alive = False
         self.stopping = asyncio.Event()
-        self.liveness = Liveness(self.owner)
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(
             max_workers=config.host.concurrency + 4, thread_name_prefix="workerhost-task"
@@ -98,6 +97,7 @@ class Host:
         self.services = Services(
             runner, source, self.hooks, self._executor, on_outcome=self._record, on_retry=self._retry_scheduled
         )
+        self.undertaker = Undertaker(self.owner, config.host.id, source, runner, self._executor, self.services.health)
         self._units: set[asyncio.Task[None]] = set()
         self._side: dict[str, asyncio.Task[None]] = {}
         self._retries: dict[str, float] = {}  # task id -> when its retry is due (monotonic)
@@ -115,16 +115,16 @@ class Host:
         try:
             await self._start_source()
             if self.source.capabilities.registry:
-                await self._heartbeat()  # before any claim: siblings must know us before they see our leases
-                self._watch("heartbeat", self.source.heartbeat_every, self._heartbeat)
-            await self._tidy()  # before any claim: hand back what a dead predecessor left
+                await self.undertaker.heartbeat()  # before any claim: siblings must know us before our leases
+                self._watch("heartbeat", self.source.heartbeat_every, self.undertaker.heartbeat)
+            await self.undertaker.tidy()  # before any claim: hand back what a dead predecessor left
             self._watch("janitor", self.config.host.reap_interval, self._janitor)
             await self._claim_loop(burst)
         finally:
             self.stopping.set()
             await self._drain()  # side tasks still running: the heartbeat must go on while containers do
             await self._stop_side_tasks()
-            await self._forget()
+            await self.undertaker.forget()
             self.alive = False
             await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
 
@@ -291,54 +291,10 @@ class Host:
             log.warning("task source not ready: %s", exc)
             self.services.health.down(str(exc))
 
-    async def _heartbeat(self) -> None:
-        try:
-            await self.source.heartbeat(self.owner, self.config.host.id)
-        except SourceUnavailable as exc:
-            self.services.health.down(str(exc))
-
-    async def _forget(self) -> None:
-        if not self.source.capabilities.registry:
-            return
-        try:
-            await self.source.forget(self.owner)
-        except SourceUnavailable as exc:
-            log.warning("could not leave the registry of processes (%s); siblings will see the heartbeat expire", exc)
-
     async def _janitor(self) -> None:
         loop = asyncio.get_running_loop()
         self.engine_ok(await loop.run_in_executor(self._executor, self.runner.ping))
-        await self._tidy()
-
-    async def _tidy(self) -> None:
-        """Remove what dead processes left: their containers, then hand their tasks back.
-
-        Only owners known to be dead (runner/owners.py) and of this host id: another
-        host's tasks may still have containers somewhere that we cannot see.
-        """
-        loop = asyncio.get_running_loop()
-        registry = self.source.capabilities.registry
-        try:
-            if registry:
-                self.liveness.update(await self.source.owners())
-            reaped = await loop.run_in_executor(self._executor, self.runner.reap, self.liveness.dead)
-        except (EngineError, SourceUnavailable) as exc:
-            log.warning("could not look for what dead processes left: %s", exc)
-            return
-        for orphan in reaped.removed:
-            log.warning("removed a container of task %s left by %s (no longer running)",
-                        orphan.task_id or "?", orphan.owner or "an unknown process")  # fmt: skip
-        if not registry:
-            return
-        try:
-            for held in await self.source.held():
-                mine = self.liveness.host_of(held.owner) == self.config.host.id
-                if held.task_id in reaped.kept or not mine or not self.liveness.dead(held.owner):
-                    continue
-                log.warning("task %s: its process %s died while it ran; handing it back", held.task_id, held.owner)
-                await self.source.recover(held)
-        except SourceUnavailable as exc:
-            log.warning("could not hand back the tasks of dead processes: %s", exc)
+        await self.undertaker.tidy()
 
     # -- the way out ----------------------------------------------------------------------
 

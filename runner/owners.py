@@ -19,12 +19,21 @@ Whether an owner is alive is decided, in this order:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor
+from typing import Protocol
 
-from runner.sources import Owner
+from runner.docker import Reaped
+from runner.errors import EngineError
+from runner.sources import Owner, SourceUnavailable, TaskSource
+from runner.task import SourceHealth
+
+log = logging.getLogger(__name__)
 
 
 def new_owner() -> str:
@@ -77,3 +86,68 @@ class Liveness:
         """The host id the owner registered with, if the registry knows it."""
         seen = self._registry.get(owner)
         return seen.host_id if seen is not None else None
+
+
+class Reaper(Protocol):
+    def reap(self, dead: Callable[[str], bool]) -> Reaped: ...
+
+
+class Undertaker:
+    """Keeps this process in the source's registry, and cleans up after dead ones of its host id."""
+
+    def __init__(
+        self, owner: str, host_id: str, source: TaskSource, runner: Reaper, executor: Executor, health: SourceHealth
+    ) -> None:
+        self.owner = owner
+        self.host_id = host_id
+        self.source = source
+        self.runner = runner
+        self.executor = executor
+        self.health = health
+        self.liveness = Liveness(owner)
+
+    async def heartbeat(self) -> None:
+        """Tell the registry this process is alive (a source down is noted, not raised)."""
+        try:
+            await self.source.heartbeat(self.owner, self.host_id)
+        except SourceUnavailable as exc:
+            self.health.down(str(exc))
+
+    async def forget(self) -> None:
+        """Leave the registry (a clean stop)."""
+        if not self.source.capabilities.registry:
+            return
+        try:
+            await self.source.forget(self.owner)
+        except SourceUnavailable as exc:
+            log.warning("could not leave the registry of processes (%s); siblings will see the heartbeat expire", exc)
+
+    async def tidy(self) -> None:
+        """Remove what dead processes left: their containers, then hand their tasks back.
+
+        Only owners known to be dead, and only tasks of this host id: another host's
+        tasks may still have containers somewhere that this engine does not show.
+        """
+        registry = self.source.capabilities.registry
+        try:
+            if registry:
+                self.liveness.update(await self.source.owners())
+            loop = asyncio.get_running_loop()
+            reaped = await loop.run_in_executor(self.executor, self.runner.reap, self.liveness.dead)
+        except (EngineError, SourceUnavailable) as exc:
+            log.warning("could not look for what dead processes left: %s", exc)
+            return
+        for orphan in reaped.removed:
+            log.warning("removed a container of task %s left by %s (no longer running)",
+                        orphan.task_id or "?", orphan.owner or "an unknown process")  # fmt: skip
+        if not registry:
+            return
+        try:
+            for held in await self.source.held():
+                ours = self.liveness.host_of(held.owner) == self.host_id
+                if held.task_id in reaped.kept or not ours or not self.liveness.dead(held.owner):
+                    continue
+                log.warning("task %s: its process %s died while it ran; handing it back", held.task_id, held.owner)
+                await self.source.recover(held)
+        except SourceUnavailable as exc:
+            log.warning("could not hand back the tasks of dead processes: %s", exc)

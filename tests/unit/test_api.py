@@ -601,3 +601,18 @@ def test_only_a_stored_submit_makes_a_span(tmp_path: Path) -> None:
     assert claimed.traceparent == f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
     assert f"{context.trace_id:032x}" == TRACEPARENT.split("-")[1]
     assert span.parent is not None and f"{span.parent.span_id:016x}" == TRACEPARENT.split("-")[2]
+
+
+def test_health_reads_and_changes_nothing(env: Env) -> None:
+    seen: list[str] = []
+    env.host.hooks.add(lambda event: seen.append(event.name))
+    env.host.engine_ok(None)
+    seen.clear()
+    env.runner.ping_error = "the Docker engine does not answer"
+
+    body = env.client.get("/health").json()
+
+    assert body["engine"] == {"reachable": False, "error": "the Docker engine does not answer"}
+    assert body["status"] == "degraded"
+    assert env.host.engine_error is None  # what the janitor last saw stays as it was
+    assert seen == []  # no engine_down from a read

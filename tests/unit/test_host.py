@@ -1322,3 +1322,30 @@ def test_the_heartbeat_goes_on_while_the_drain_waits_and_stops_with_a_goodbye() 
     assert source.named("forget") and source.named("forget")[0].at >= runner.runs[0].end
     assert source.registered == {}
     assert source.status("t-1") == "completed"
+
+
+class _Fatal(BaseException):
+    """Not an Exception: what a side task's turn does not catch."""
+
+
+def test_a_side_task_that_ends_for_good_stops_the_host_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+    source, runner = InMemorySource(registry=True), FakeRunner()
+    source.add("t-1", sleep=0.3)
+    beats = 0
+    real = source.heartbeat
+
+    async def heartbeat(owner: str, host_id: str) -> None:
+        nonlocal beats
+        beats += 1
+        if beats == 3:
+            raise _Fatal("the heartbeat is gone for good")
+        await real(owner, host_id)
+
+    source.heartbeat = heartbeat  # type: ignore[method-assign]
+
+    host = drive(make_config(), source, runner, burst=False)  # stops by itself, or drive times out
+
+    assert host.stopping.is_set() and not host.alive
+    assert source.status("t-1") == "completed"  # drained, not abandoned
+    [logged] = [r for r in caplog.records if "side task heartbeat ended" in r.getMessage()]
+    assert "the heartbeat is gone for good" in logged.getMessage()
