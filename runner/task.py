@@ -204,8 +204,9 @@ class TaskRun:
         if source.capabilities.owns_retries:
             if not await self._settle(lambda: source.fail(task, finished, None)):
                 return
-            final = task.max_attempts is not None and (task.attempt >= task.max_attempts or not outcome.retriable)
-            if final:
+            # The source re-queues as it sees fit; a claim that says how many attempts it allows
+            # tells the last one apart, so that metrics count it as the task's end.
+            if task.max_attempts is not None and task.attempt >= task.max_attempts:
                 self._emit(events.TaskFailed, outcome=label, error=error)
             else:
                 self._emit(events.TaskReturned, outcome=label, error=error)

@@ -1349,3 +1349,16 @@ def test_a_side_task_that_ends_for_good_stops_the_host_cleanly(caplog: pytest.Lo
     assert source.status("t-1") == "completed"  # drained, not abandoned
     [logged] = [r for r in caplog.records if "side task heartbeat ended" in r.getMessage()]
     assert "the heartbeat is gone for good" in logged.getMessage()
+
+
+def test_a_source_that_retries_by_itself_and_names_the_attempt_limit_ends_the_task_on_the_last() -> None:
+    source, runner = InMemorySource(retries_by_source=True), FakeRunner()
+    source.add("last", exit=1, max_attempts=1)  # this claim is its last attempt
+    source.add("more", exit=1, max_attempts=3)  # the source will hand it out again
+    recorder = Recorder()
+
+    drive(make_config(), source, runner, hooks=Hooks([recorder]))
+
+    assert recorder.names("last")[-1] == events.TASK_FAILED
+    assert recorder.names("more")[-1] == events.TASK_RETURNED
+    assert source.fails("last")[0].args[2] is None and source.fails("more")[0].args[2] is None
