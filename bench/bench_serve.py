@@ -5,6 +5,8 @@
    capacity at the same concurrency (parallel bare docker-py loops). Target: >= 0.85x.
 3. The host's resident memory with 50 tasks in flight (target: under 150 MB), and
    after 2,000 tasks against after the first 200 (target: no growth beyond 10%).
+4. The host's peak resident memory while it serves ``GET /tasks`` (summaries, then full)
+   over 20 stored tasks of 15 MB each, against its idle resident memory (target: under 2x).
 
     python bench/bench_serve.py [--quick]
 """
@@ -118,10 +120,11 @@ max_retries = 0
                 raise SystemExit(f"timed out; counts {self.counts()}")
             time.sleep(0.05)
 
-    def rss_mb(self) -> float:
+    def rss_mb(self, field: str = "VmRSS") -> float:
+        """Resident memory now (VmRSS), or the most it has been (VmHWM), in MB."""
         with open(f"/proc/{self.proc.pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
         return 0.0
 
@@ -177,6 +180,33 @@ def memory(in_flight: int, soak: int) -> tuple[float, float, float]:
     return peak, warm, after
 
 
+def big_tasks(count: int = 20, size: int = 15 * 1024**2) -> tuple[float, float, list[str]]:
+    """Idle RSS, then peak RSS (VmHWM) after serving lists over ``count`` stored tasks of ``size`` bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        queue = EmbeddedQueue(Path(tmp) / "bench.db", owner="bench")
+        blob = "x" * size
+        for i in range(count):  # a type no worker takes: they stay stored, pending
+            queue.submit("Bench.Stored", {"n": i, "blob": blob}, max_attempts=1)
+        del blob
+        import asyncio
+
+        asyncio.run(queue.close())
+        host = ServeProcess(Path(tmp), 1, TRIVIAL)
+        try:
+            for _ in range(20):  # warm: the API's first requests, the queue's first reads
+                host.http.get("/tasks", params={"limit": 1})
+            idle = host.rss_mb()
+            served = []
+            for params in ({"limit": count}, {"limit": count, "full": "true"}):
+                response = host.http.get("/tasks", params=params)
+                response.raise_for_status()
+                more = " (some as summaries)" if "x-workerhost-omitted" in response.headers else ""
+                served.append(f"{len(response.json())} tasks, {len(response.content) / 1024**2:.1f} MB{more}")
+            return idle, host.rss_mb("VmHWM"), served
+        finally:
+            host.stop()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -219,6 +249,11 @@ def main() -> int:
     growth = (after - warm) / warm
     print(f"memory: {warm:.0f} MB after 200 tasks, {after:.0f} MB after {soak}: {growth:+.1%} "
           f"({'within' if growth <= 0.10 else 'OVER'} +10%)")  # fmt: skip
+
+    idle, peak, served = big_tasks()
+    print(f"memory: GET /tasks over 20 stored tasks of 15 MB: {'; '.join(served)}")
+    print(f"memory: {idle:.0f} MB idle, {peak:.0f} MB at the peak: {peak / idle:.2f}x "
+          f"({'under' if peak < 2 * idle else 'OVER'} the 2x target)")  # fmt: skip
     return 0
 
 

@@ -14,20 +14,24 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runner import __version__
+from runner import __version__, jsondata
+from runner.auth import Guard, public_health, shows_details
+from runner.config import Config
 from runner.errors import EngineError
 from runner.host import Host
 from runner.sources import SourceUnavailable
-from runner.sources.embedded import STATUSES, EmbeddedQueue
+from runner.sources.embedded import EmbeddedQueue
 from runner.telemetry import context, events
 from runner.telemetry.metrics import Metrics
 
@@ -35,31 +39,116 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+LIST_BUDGET = 8 * 1024**2  # bytes of stored params, results and stderr that one full list may carry
+TRACEPARENT = r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$"  # W3C, version 00, ids not zero
+CORRELATION_ID = r"^[\x21-\x7e]{1,128}$"  # printable ASCII without spaces: safe in logs, headers and env
+
+
+def _whole(value: Any) -> Any:
+    """A JSON integer: 5 and 5.0 (JSON Schema's integers), not true, "5" or 5.5."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class TaskIn(BaseModel):
-    """A task to submit."""
+    """A task to submit. Only what reads back as JSON is accepted (README, "HTTP API")."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    type: str = Field(min_length=1, description="a task type that a configured worker handles")
-    params: dict[str, Any] = Field(default_factory=dict, description="the task's params, a JSON object")
+    type: str = Field(min_length=1, max_length=256, description="a task type that a configured worker handles")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"the task's params: a JSON object, nested at most {jsondata.MAX_DEPTH} levels, "
+        "no NaN or Infinity, no lone surrogates",
+    )
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=256, description="the same key returns the same task"
     )
-    priority: int = Field(default=0, ge=-1000, le=1000, description="higher runs first")
-    correlation_id: str | None = Field(default=None, min_length=1, max_length=128)
-    traceparent: str | None = Field(
-        default=None, max_length=128, description="W3C trace context to continue (the traceparent header wins)"
+    priority: Annotated[int, BeforeValidator(_whole)] = Field(
+        default=0, ge=-1000, le=1000, description="higher runs first"
     )
+    correlation_id: str | None = Field(
+        default=None, pattern=CORRELATION_ID, description="printable ASCII without spaces, up to 128 characters"
+    )
+    traceparent: str | None = Field(
+        default=None,
+        max_length=55,
+        description="W3C trace context to continue (the traceparent header wins)",
+        json_schema_extra={"pattern": TRACEPARENT},
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        # A body sent without a JSON Content-Type (curl -d) arrives as bytes: it is JSON all the same.
+        if isinstance(data, bytes):  # (a str is a JSON string that was sent: not an object, refused as such)
+            value, problem = jsondata.loads(data, "the body")
+            if problem is not None:
+                raise PydanticCustomError("json_invalid", "{problem}", {"problem": problem})
+            return value
+        return data
 
     @field_validator("params")
     @classmethod
-    def _strict_json(cls, value: dict[str, Any]) -> dict[str, Any]:
-        # Python's JSON reader takes NaN and Infinity; no worker's JSON parser need.
-        try:
-            json.dumps(value, allow_nan=False)
-        except ValueError:
-            raise ValueError("NaN and Infinity are not JSON numbers") from None
+    def _reads_back(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problem = jsondata.problem(value, "params")
+        if problem is not None:
+            raise ValueError(problem)
         return value
+
+    @field_validator("idempotency_key", "type")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        if value is not None and jsondata.problem(value, "") is not None:
+            raise ValueError("a lone surrogate is not text")
+        return value
+
+    @field_validator("traceparent")
+    @classmethod
+    def _w3c(cls, value: str | None) -> str | None:
+        if value is not None and context.parse(value) is None:
+            raise ValueError('not a W3C traceparent ("00-<32 hex>-<16 hex>-<2 hex>", ids not all zero)')
+        return value
+
+
+class ErrorDetails(BaseModel):
+    """Why a task failed."""
+
+    type: str
+    message: str
+    retriable: bool
+
+
+class TaskOut(BaseModel):
+    """A task as the API shows it (lists show a summary: no params, result or stderr_tail, unless full)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    type: str
+    status: Literal["pending", "running", "completed", "failed", "dead"]
+    attempts: int
+    max_attempts: int
+    priority: int
+    correlation_id: str
+    trace_id: str | None = Field(default=None, description="the trace its attempts belong to, when it came with one")
+    created_at: str
+    updated_at: str
+    params: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+    outcome: str | None = None
+    worker: str | None = None
+    image_id: str | None = None
+    stderr_tail: str | None = None
+    duration: float | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    run_at: str | None = None
+    result: Any = None
+    error: ErrorDetails | None = None
+    unreadable: dict[str, str] | None = Field(default=None, description="stored values that could not be shown")
+    omitted: str | None = Field(default=None, description="in a full list: what was left out, and why")
 
 
 class ApiError(Exception):
@@ -81,14 +170,100 @@ def create_app(host: Host, metrics: Metrics, queue: EmbeddedQueue | None) -> Fas
     )
     app.state.host, app.state.metrics, app.state.queue = host, metrics, queue
     app.add_middleware(BodyLimit, limit=host.config.host.max_body)
+    # Added last, so outermost: the Host check and the token come before a body is read. The routes
+    # name a refused request in the audit (the included router is one opaque entry of app.routes).
+    app.add_middleware(Guard, config=host.config.host, metrics=metrics, routes=[*app.routes, *router.routes])
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _crashed)
     app.include_router(router)
+    app.openapi = _described(app, host.config)  # type: ignore[method-assign]
     return app
 
 
+def _described(app: FastAPI, config: Config) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI description, exact for this host: the task types it takes, its bearer token
+    (where one is set), and links from a submitted task to what can be done with it."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        task_in = schema["components"]["schemas"]["TaskIn"]
+        task_in["properties"]["type"]["enum"] = config.task_types()
+        typed = _typed_params(task_in, config)
+        if typed is not None:
+            schema["components"]["schemas"]["TaskIn"] = typed
+        if config.host.tokens():
+            schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+            public = [("/health", "get")] + ([("/metrics", "get")] if config.host.metrics_public else [])
+            for path, method in public:
+                schema["paths"][path][method]["security"] = []
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    if operation.get("security") != []:
+                        operation["responses"].setdefault("401", {"description": _MEANINGS[401],
+                                                                  "content": _error_content()})  # fmt: skip
+        by_id = {"task_id": "$response.body#/id"}
+        schema["paths"]["/tasks"]["post"]["responses"]["201"]["links"] = {
+            name: {"operationId": operation, "parameters": by_id}
+            for name, operation in (("GetTask", "get_task"), ("RetryTask", "retry_task"), ("DeleteTask", "delete_task"))
+        }
+        app.openapi_schema = schema
+        return schema
+
+    return openapi
+
+
 # -- dependencies -----------------------------------------------------------------------
+
+
+class ErrorOut(BaseModel):
+    """Every refusal: what is wrong, and details where there are several things."""
+
+    error: str
+    details: list[dict[str, Any]] | None = None
+    known: list[str] | None = None
+
+
+_MEANINGS = {
+    400: "the body is not valid JSON",
+    401: "no token, or a wrong one",
+    404: "no such task or worker",
+    409: "the task's state, or an idempotency key that names another task, does not allow it",
+    413: "the body is over [host] max_body",
+    422: "the request is invalid: each problem with its field",
+    501: "tasks live in another task manager",
+    503: "the task queue does not answer",
+}
+
+
+def _typed_params(task_in: dict[str, Any], config: Config) -> dict[str, Any] | None:
+    """TaskIn as one variant per task type, with its worker's ``params_schema`` where one fits in
+    the description (one that refers to its own parts, ``$ref``, is left out: it would not resolve there)."""
+    schemas = {t: w.params_schema for w in config.workers for t in w.task_types if w.params_schema is not None}
+    fitting = {t: s for t, s in schemas.items() if "$ref" not in json.dumps(s)}
+    if not fitting:
+        return None
+    variants = []
+    for task_type in config.task_types():
+        properties = {**task_in["properties"], "type": {"const": task_type}}
+        if task_type in fitting:
+            properties["params"] = {**fitting[task_type], "description": task_in["properties"]["params"]["description"]}
+        variants.append({**task_in, "title": f"TaskIn ({task_type})", "properties": properties})
+    return {"title": "TaskIn", "description": task_in.get("description", ""), "oneOf": variants}
+
+
+def _error_content() -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the refusals a route answers with, all ``ErrorOut``."""
+    return {code: {"model": ErrorOut, "description": _MEANINGS[code]} for code in codes}
 
 
 def _host(request: Request) -> Host:
@@ -119,15 +294,26 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 # -- tasks ------------------------------------------------------------------------------
 
 
-@router.post("/tasks", status_code=201, summary="Submit a task")
+@router.post(
+    "/tasks", status_code=201, summary="Submit a task", operation_id="submit_task", response_model=None,
+    responses={201: {"model": TaskOut, "description": "the task, stored"},
+               200: {"model": TaskOut, "description": "the task this idempotency key already names, unchanged"},
+               **_errors(400, 409, 413, 422, 503)},
+)  # fmt: skip
 async def submit(body: TaskIn, request: Request, response: Response, host: HostDep, queue: QueueDep) -> dict[str, Any]:
     worker = host.config.worker_for(body.type)
     if worker is None:
         raise ApiError(422, f"unknown task type {body.type!r}", known=host.config.task_types())
+    problems = worker.params_problems(body.params)
+    if problems:
+        details = [{"field": line.partition(":")[0], "message": line} for line in problems]
+        raise ApiError(422, f"params do not fit {body.type}'s params_schema: {'; '.join(problems)}", details=details)
     start_ns = time.time_ns()
     task_id = str(uuid.uuid4())
     correlation_id = body.correlation_id or uuid.uuid4().hex
-    incoming = request.headers.get("traceparent") or body.traceparent
+    # A traceparent header that is not W3C is ignored, as the W3C says: the trace starts here.
+    header = request.headers.get("traceparent")
+    incoming = (header if context.parse(header) else None) or body.traceparent
     # The submit span's context when something traces (the span is recorded only once the task is
     # stored); otherwise the caller's context goes on with the task as it came.
     traceparent = host.hooks.span_context(incoming) or incoming
@@ -136,7 +322,8 @@ async def submit(body: TaskIn, request: Request, response: Response, host: HostD
         idempotency_key=body.idempotency_key, correlation_id=correlation_id, traceparent=traceparent, task_id=task_id,
     )  # fmt: skip
     if not created:
-        if (task["type"], task["params"]) != (body.type, body.params):
+        # Compared as JSON text: {"a": true}, {"a": 1.0} and {"a": 1} are three different tasks.
+        if (task["type"], jsondata.dumps(task["params"])) != (body.type, jsondata.dumps(body.params)):
             raise ApiError(
                 409, f"idempotency key {body.idempotency_key!r} already names task {task['id']} with other content"
             )
@@ -152,7 +339,10 @@ async def submit(body: TaskIn, request: Request, response: Response, host: HostD
     return dict(task)
 
 
-@router.get("/tasks/{task_id}", summary="One task: status, attempts, result or error")
+@router.get(
+    "/tasks/{task_id}", summary="One task: status, attempts, params, result or error", operation_id="get_task",
+    response_model=None, responses={200: {"model": TaskOut}, **_errors(404, 503)},
+)  # fmt: skip
 async def get_task(task_id: str, queue: QueueDep) -> dict[str, Any]:
     task = await _call(queue.get, task_id)
     if task is None:
@@ -160,19 +350,44 @@ async def get_task(task_id: str, queue: QueueDep) -> dict[str, Any]:
     return dict(task)
 
 
-@router.get("/tasks", summary="Tasks, newest first")
+@router.delete("/tasks/{task_id}", status_code=204, summary="Delete a task that is not running",
+               operation_id="delete_task", responses=_errors(404, 409, 503))  # fmt: skip
+async def delete_task(task_id: str, queue: QueueDep) -> Response:
+    deleted, status = await _call(queue.delete, task_id)
+    if status is None:
+        raise ApiError(404, f"no task {task_id}")
+    if not deleted:
+        raise ApiError(409, f"task {task_id} is {status}; a running task cannot be deleted (wait for it, or stop it)")
+    return Response(status_code=204)
+
+
+@router.get(
+    "/tasks", summary="Tasks, newest first", operation_id="list_tasks", response_model=None,
+    responses={200: {"model": list[TaskOut]}, **_errors(422, 503)},
+)  # fmt: skip
 async def list_tasks(
+    response: Response,
     queue: QueueDep,
-    status: str | None = Query(default=None, description=f"one of {', '.join(STATUSES)}"),
-    type: str | None = Query(default=None, description="a task type"),
+    status: Literal["", "pending", "running", "completed", "failed", "dead"] | None = Query(
+        default=None, description="only tasks with this status (empty: any)"
+    ),
+    type: str | None = Query(default=None, description="a task type (empty: any)"),
     limit: int = Query(default=100, ge=1, le=1000),
+    full: bool = Query(
+        default=False,
+        description="with params, result and stderr tail, for as many tasks as fit in 8 MiB of them; the "
+        "rest as summaries marked `omitted` (the header X-Workerhost-Omitted says so)",
+    ),
 ) -> list[dict[str, Any]]:
-    if status is not None and status not in STATUSES:
-        raise ApiError(422, f"unknown status {status!r}; expected one of: {', '.join(STATUSES)}")
-    return await _call(queue.list, status, type, limit)
+    found, more = await _call(queue.page, status or None, type or None, limit, full, LIST_BUDGET if full else None)
+    if more:
+        response.headers["X-Workerhost-Omitted"] = "some tasks are summaries: a full list carries 8 MiB at most"
+    return found
 
 
-@router.post("/tasks/{task_id}/retry", summary="Send a failed or dead task back to the queue")
+@router.post("/tasks/{task_id}/retry", summary="Send a failed or dead task back to the queue",
+             operation_id="retry_task", response_model=None,
+             responses={200: {"model": TaskOut}, **_errors(404, 409, 503)})  # fmt: skip
 async def retry(task_id: str, host: HostDep, queue: QueueDep) -> dict[str, Any]:
     existing = await _call(queue.get, task_id)
     if existing is None:
@@ -190,8 +405,11 @@ async def retry(task_id: str, host: HostDep, queue: QueueDep) -> dict[str, Any]:
 
 
 @router.get("/health", summary="Liveness: the loop, the engine and the source")
-async def health(host: HostDep) -> JSONResponse:
-    """Reads only: asks the engine and the source now, and changes nothing in the host."""
+async def health(host: HostDep, request: Request) -> JSONResponse:
+    """Reads only: asks the engine and the source now, and changes nothing in the host.
+
+    Without a token, when the API has tokens, only whether it is up and how busy (runner/auth.py).
+    """
     engine_error = await asyncio.to_thread(host.runner.ping)
     try:
         source: dict[str, Any] = await host.source.health()
@@ -210,7 +428,8 @@ async def health(host: HostDep) -> JSONResponse:
         "engine": engine,
         "source": source,
     }  # fmt: skip
-    return JSONResponse(body, status_code=200 if host.alive else 503)
+    shown = body if shows_details(request) else public_health(body)
+    return JSONResponse(shown, status_code=200 if host.alive else 503)
 
 
 @router.get("/workers", summary="Every worker: image, limits, what runs now, recent outcomes")
@@ -218,7 +437,7 @@ async def workers(host: HostDep) -> list[dict[str, Any]]:
     return [await _worker(host, name) for name in host.workers]
 
 
-@router.get("/workers/{name}/health", summary="One worker's health")
+@router.get("/workers/{name}/health", summary="One worker's health", responses=_errors(404))
 async def worker_health(name: str, host: HostDep) -> dict[str, Any]:
     if name not in host.workers:
         raise ApiError(404, f"no worker {name!r}", known=list(host.workers))
@@ -267,17 +486,43 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": exc.message, **exc.extra}, status_code=exc.status)
 
 
-async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    # Its headers too: a 401 says how to authenticate. A 405 says which methods are allowed, all of
+    # them (Starlette's names only those of the first route on the path).
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        methods = {m for route in router.routes if _on_path(route, request) for m in getattr(route, "methods", ())}
+        headers["Allow"] = ", ".join(sorted(methods - {"HEAD"} | ({"HEAD"} if "GET" in methods else set())))
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=headers)
+
+
+def _on_path(route: Any, request: Request) -> bool:
+    match, _ = route.matches(request.scope)
+    return bool(match is not Match.NONE and getattr(route, "methods", None))
+
+
+async def _crashed(request: Request, exc: Exception) -> JSONResponse:
+    """A bug of ours: logged with its traceback, answered as JSON like every other error."""
+    log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc, exc_info=exc)
+    return JSONResponse({"error": f"the host failed to answer ({type(exc).__name__}); see its log"}, status_code=500)
 
 
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return JSONResponse({"error": "the body is not valid JSON"}, status_code=400)
-    details = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]} for e in errors]
+    details = [{"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"] + _got(e)} for e in errors]
     summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
     return JSONResponse({"error": f"invalid request: {summary}", "details": details}, status_code=422)
+
+
+def _got(error: Any) -> str:
+    """What was sent, for a scalar that was refused (quoted, escaped, short)."""
+    value = error.get("input")
+    if isinstance(value, str | int | float) and not isinstance(value, bool) and error.get("type") != "json_invalid":
+        text = repr(value)
+        return f" (got {text[:60]}{'...' if len(text) > 60 else ''})"
+    return ""
 
 
 class BodyLimit:

@@ -11,11 +11,12 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from runner import __version__
+from runner import __version__, jsondata
 from runner import config as config_module
 from runner.attempts import Report, new_task, run_task
 from runner.client import ApiUnavailable, Client, exit_code
@@ -23,10 +24,12 @@ from runner.config import Config, WorkerConfig, format_size
 from runner.docker import STDERR_TAIL, DockerRunner, connect
 from runner.errors import ConfigError, EngineError, WorkerhostError
 from runner.protocol import ErrorInfo, Outcome, Status
+from runner.telemetry import logs
 
 log = logging.getLogger("workerhost")
 
 EXIT_USAGE = 2
+EXIT_TOKEN = 6  # the API refused the client's token (or its lack of one)
 _STDERR_LINES = 20
 
 
@@ -47,16 +50,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except ConfigError as exc:
         for line in exc.problems:
-            print(line, file=sys.stderr)
+            _tell(line)
         return EXIT_USAGE
     except ApiUnavailable as exc:
         print(f"workerhost: {exc}", file=sys.stderr)
-        return 4 if exc.status == 404 else 5
+        return {404: 4, 401: EXIT_TOKEN}.get(exc.status or 0, 5)
     except WorkerhostError as exc:  # the host cannot start: a port in use, a queue it cannot open
-        print(f"workerhost: {exc}", file=sys.stderr)
+        _tell(f"workerhost: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception:
+        if not logs.structured():
+            raise
+        # serve's stderr is log lines only (one JSON object each, in JSON): the traceback goes inside one.
+        log.critical("workerhost %s stopped on an unexpected error", args.command, exc_info=True)
+        return 1
+
+
+def _tell(text: str) -> None:
+    """Why the command stops: a log line once serve has set up its logs, else a plain line on stderr."""
+    if logs.structured():
+        log.error("%s", text)
+    else:
+        print(text, file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="workerhost",
         description="Run queued tasks, each in its own ephemeral Docker container, "
         "with the limits its worker's config names.",
-        epilog="The config file is ./workerhost.toml unless -c or $WORKERHOST_CONFIG names another.",
+        epilog="The config file is ./workerhost.toml unless -c or $WORKERHOST_CONFIG names another. "
+        "submit, tasks, task and retry send $WORKERHOST_API_TOKEN (else the config's [host] api_token) and "
+        "exit 4 for an unknown task id, 5 when no host answers, 6 when the host refuses the token.",
     )
     parser.add_argument("--version", action="version", version=f"workerhost {__version__}")
     common = argparse.ArgumentParser(add_help=False)
@@ -195,6 +214,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if worker is None:
         known = ", ".join(config.task_types()) or "none"
         return _refuse(args.type, "UnknownTaskType", f"no worker handles task type {args.type!r} (known: {known})")
+    problems = worker.params_problems(params)
+    if problems:  # refused before any container starts, as the API refuses them
+        lines = "".join(f"\n  {problem}" for problem in problems)
+        return _refuse(args.type, "InvalidParams", f"PARAMS do not match worker {worker.name}'s params_schema:{lines}")
     task = new_task(args.type, params, args.correlation_id)
     try:
         client = connect()
@@ -220,10 +243,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _read_params(text: str) -> dict[str, Any]:
     if text == "-":
         text = sys.stdin.read()
-    try:
-        params = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"PARAMS is not valid JSON: {exc}") from None
+    params, problem = jsondata.loads(text, "PARAMS")
+    if problem is not None:
+        raise ValueError(problem.replace("PARAMS: not valid JSON", "PARAMS is not valid JSON"))
     if not isinstance(params, dict):
         raise ValueError(f"PARAMS must be a JSON object, not {type(params).__name__}")
     return params
@@ -243,7 +265,8 @@ def _refuse(task_type: str, kind: str, message: str) -> int:
 
 
 def _print_report(report: Report) -> int:
-    print(json.dumps(report.to_dict(), ensure_ascii=False))
+    # The result passed jsondata's checks; allow_nan=False says so, so that nothing printed is invalid JSON.
+    print(json.dumps(report.to_dict(), ensure_ascii=False, allow_nan=False))
     return report.exit_code
 
 
@@ -251,7 +274,10 @@ def _show_stderr(report: Report) -> None:
     assert report.last_run is not None
     tail = report.last_run.end.stderr_tail[-STDERR_TAIL:].decode("utf-8", "replace").rstrip()
     if tail:
-        lines = tail.splitlines()[-_STDERR_LINES:]
+        from runner.telemetry.logs import escape
+
+        # The worker's bytes, as text a terminal does not act on (no ESC, BEL or CR reaches it).
+        lines = [escape(line) for line in tail.splitlines()[-_STDERR_LINES:]]
         log.warning("last %d lines of the worker's stderr:\n%s", len(lines), "\n".join(lines))
 
 
@@ -272,22 +298,38 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    level = logging.WARNING if args.quiet else logging.INFO
+    # Set up before anything can log or warn (importing serve, reading the config); the config's
+    # own choice of format is known only once it is read.
+    logs.configure("auto", level)
     from runner.serve import serve
-    from runner.telemetry import logs
 
     config = config_module.load(args.config)
-    logs.configure(config.telemetry.log_format, logging.WARNING if args.quiet else logging.INFO)
+    logs.configure(config.telemetry.log_format, level)
     return asyncio.run(serve(config, burst=args.burst))
 
 
 def _client(args: argparse.Namespace) -> Client:
+    """The API at --url, else at the config's [host] http; the token from $WORKERHOST_API_TOKEN, else
+    (for the config's own host only: never sent to another --url) the config's [host] api_token."""
+    token = os.environ.get(config_module.ENV_TOKEN, "").strip() or None  # a stray newline from a file
     url = args.url
     if url is None:
         try:
-            url = "http://" + config_module.load(args.config).host.http
+            host = config_module.load(args.config).host
         except ConfigError:
             url = "http://127.0.0.1:8080"
-    return Client(url)
+        else:
+            url = "http://" + _local(host.http)
+            token = token or host.api_token.get_secret_value() or None
+    return Client(url, token=token)
+
+
+def _local(address: str) -> str:
+    """Where to reach a host that listens on every address (0.0.0.0, ::): its loopback."""
+    host, _, port = address.rpartition(":")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(host, host)
+    return f"{host}:{port}"
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -349,6 +391,8 @@ def _cmd_import_config(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     config = config_module.load(args.config)
     print(f"{config.source}: valid ({len(config.workers)} workers, {len(config.task_types())} task types)")
+    for line in config_module.opt_in_warnings(config):  # valid, but say what the opt-ins give away
+        print(f"warning: {line}", file=sys.stderr)
     return 0
 
 
@@ -398,6 +442,8 @@ def _worker_row(worker: WorkerConfig, present: bool | None) -> dict[str, Any]:
         "network": worker.network,
         "runtime": worker.runtime or "default",
         "user": worker.user or "image default",
+        "allow": worker.allow,
+        "params_schema": worker.params_schema,
     }
 
 

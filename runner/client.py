@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from runner.config import ENV_TOKEN
 from runner.errors import WorkerhostError
 
 FINAL = ("completed", "failed", "dead")
@@ -21,11 +22,13 @@ class ApiUnavailable(WorkerhostError):
 
 
 class Client:
-    """``submit``, ``get``, ``list``, ``retry`` and ``wait`` against ``base_url``."""
+    """``submit``, ``get``, ``list``, ``retry`` and ``wait`` against ``base_url``, with ``token`` if given."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 30.0, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._token = bool(token)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def submit(self, task_type: str, params: dict[str, Any], **extra: Any) -> dict[str, Any]:
         body = {"type": task_type, "params": params, **{k: v for k, v in extra.items() if v is not None}}
@@ -77,10 +80,20 @@ class Client:
             raise ApiUnavailable(
                 f"{method} {path}: HTTP {response.status_code}, not JSON", response.status_code
             ) from None
+        if response.status_code == 401:
+            raise ApiUnavailable(self._refused(body), 401)
         if response.is_error:
             message = body.get("error") if isinstance(body, dict) else None
             raise ApiUnavailable(f"{method} {path}: {message or response.reason_phrase}", response.status_code)
         return body
+
+    def _refused(self, body: Any) -> str:
+        said = body.get("error") if isinstance(body, dict) else None
+        sent = "the token sent was refused" if self._token else "it asks for a token and none was sent"
+        return (
+            f"workerhost at {self.base_url} refused the request: {sent} ({said or 'HTTP 401'}); "
+            f"set {ENV_TOKEN} to one of its tokens ([host] api_token or api_tokens)"
+        )
 
 
 def exit_code(task: dict[str, Any]) -> int:

@@ -9,34 +9,50 @@ bad value; all of them at once, not the first only.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import re
 import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple, NoReturn
 
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
+    SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
+from referencing import Registry
 
 from runner.errors import ConfigError
 
 DEFAULT_PATH = "workerhost.toml"
 ENV_CONFIG = "WORKERHOST_CONFIG"
+ENV_TOKEN = "WORKERHOST_API_TOKEN"  # the API token the CLI sends (and the shipped config reads)
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|)\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "": 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|)\s*$", re.IGNORECASE)
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# [host] api_tokens names (they reach logs) and the tokens themselves (RFC 6750's b64token).
+_TOKEN_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+MIN_TOKEN = 16
+# [host] allowed_hosts: a name, "*.name", "*" (any), or an IP literal (IPv6 in brackets or not).
+_HOST_NAME = re.compile(r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[?[0-9a-f:.]+\]?)$")
 
 
 def parse_size(value: Any) -> int:
@@ -65,7 +81,7 @@ def parse_duration(value: Any) -> float:
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
     else:
-        raise ValueError('expected seconds, or a duration like "30s", "5m", "1h"')
+        raise ValueError('expected seconds, or a duration like "30s", "5m", "1h", "7d"')
     if seconds <= 0:
         raise ValueError("a duration must be positive")
     return seconds
@@ -98,6 +114,70 @@ class HostConfig(_Section):
     poll_max: Duration = 2.0  # the longest pause between claims when the queue is idle
     max_body: Size = 16 * 1024**2  # the largest request the HTTP API accepts
     reap_interval: Duration = 30.0  # how often to look for containers left behind
+    # Who may call the API (see runner/auth.py and README "Security"). Secrets are SecretStr:
+    # a repr, a dump or a log of the config shows "**********".
+    api_token: SecretStr = SecretStr("")  # the bearer token named "default"; empty: none
+    api_tokens: dict[str, SecretStr] = Field(default_factory=dict)  # more tokens, by the name logs show
+    metrics_public: bool = False  # GET /metrics without a token (GET /health never needs one)
+    allowed_hosts: list[str] = Field(default_factory=list)  # Host names besides loopback's; "*.example.com"
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _token_names(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        bad = [name for name in value if not _TOKEN_NAME.match(name)]
+        if bad:
+            raise ValueError(f"token names are 1-64 letters, digits, '.', '_' or '-' (got {', '.join(map(repr, bad))})")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        names = [entry.strip().lower().removesuffix(".") for entry in value]
+        bad = [entry for entry, name in zip(value, names, strict=True) if not _HOST_NAME.match(name)]
+        if bad:
+            raise ValueError(
+                'expected host names without scheme or port, like "workerhost.example.com", '
+                f'"*.example.com" or "[2001:db8::1]"; not {", ".join(map(repr, bad))}'
+            )
+        return names
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_are_strings(cls, data: Any) -> Any:
+        # Checked here, on the whole section, so that the message cannot quote the value.
+        if isinstance(data, dict):
+            tokens = data.get("api_tokens", {})
+            if not isinstance(data.get("api_token", ""), str):
+                raise ValueError("api_token: expected a string (the value is not shown: it is a secret)")
+            if not isinstance(tokens, dict) or not all(isinstance(v, str) for v in tokens.values()):
+                raise ValueError("api_tokens: expected a table of strings (the values are not shown: they are secrets)")
+        return data
+
+    @model_validator(mode="after")
+    def _secrets(self) -> HostConfig:
+        # Messages name a token, never show it: the error has no "got ..." for a rule on the section.
+        if self.api_token.get_secret_value() and "default" in self.api_tokens:
+            raise ValueError('api_tokens: "default" is the name of api_token; choose another')
+        tokens = self.tokens()
+        unsendable = [name for name, secret in tokens.items() if not _TOKEN.match(secret)]
+        if unsendable:
+            raise ValueError(f"token {', '.join(unsendable)}: use letters, digits and - . _ ~ + / (and = at the end)")
+        short = [name for name, secret in tokens.items() if len(secret) < MIN_TOKEN]
+        if short:
+            raise ValueError(
+                f"token {', '.join(short)}: shorter than {MIN_TOKEN} characters; make one with `openssl rand -hex 32`"
+            )
+        by_secret: dict[str, str] = {}
+        for name, secret in tokens.items():
+            if secret in by_secret:
+                raise ValueError(f"tokens {by_secret[secret]} and {name} are the same: logs could not tell them apart")
+            by_secret[secret] = name
+        return self
+
+    def tokens(self) -> dict[str, str]:
+        """Every token the API accepts, by name (``api_token`` is "default"); empty ones are off."""
+        named = {"default": self.api_token, **self.api_tokens}
+        return {name: secret.get_secret_value() for name, secret in named.items() if secret.get_secret_value()}
 
     @field_validator("http")
     @classmethod
@@ -120,6 +200,7 @@ class EmbeddedSource(_Section):
     type: Literal["embedded"] = "embedded"
     path: str = "var/workerhost.db"
     lease: Duration = 30.0  # a claim's lease; renewed while the container runs
+    retention: Duration = 7 * 86400.0  # finished tasks (completed, failed, dead) are deleted this long after
 
 
 class HttpSource(_Section):
@@ -155,6 +236,105 @@ STRICT_MIN_PIDS = 128
 STRICT_PIDS = 256
 STRICT_NOFILE = 256
 
+# What a worker must opt in to with ``allow = [...]``, and what each gives away.
+OPT_INS: dict[str, str] = {
+    "host-network": "the worker reaches everything the host does, this host's API included "
+    "(other tasks' params and results) and whatever listens on the host's loopback",
+    "container-network": "the worker shares another container's network: it reaches what that container "
+    "reaches, and that container's loopback services",
+    "root": "the worker runs as root inside its container (all capabilities dropped, no-new-privileges and "
+    "the read-only root filesystem still hold, but root owns the image's files and a kernel bug goes further)",
+}
+MAX_PARAMS_PROBLEMS = 20  # lines params_problems() returns at most
+MAX_SCHEMA_FILE = 1024**2
+_RUNTIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_NETWORK = re.compile(r"(?:container:)?[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+# The Docker image reference grammar (distribution/reference): [host[:port]/]path[:tag][@digest].
+_DOMAIN_PART = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE = re.compile(
+    rf"(?P<name>(?:{_DOMAIN}/)?{_PATH_PART}(?:/{_PATH_PART})*)(?::[\w][\w.-]{{0,127}})?(?:@sha256:[0-9a-f]{{64}})?",
+    re.ASCII,
+)
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _runs_as_root(user: str) -> bool:
+    """``user`` as Docker reads it names root: "0", "0:…", "root", "root:…", or "" (the image's user)."""
+    name = user.partition(":")[0].strip()
+    return name in ("", "root") or (name.isdigit() and int(name) == 0)
+
+
+class _Problem(NamedTuple):
+    """A broken rule about a worker: where (a field, or () for the worker), why, and the value.
+
+    A dict as the value says "a rule about several fields" to ``_describe``,
+    which then quotes no value: the message names them.
+    """
+
+    loc: tuple[str, ...]
+    message: str
+    value: Any
+
+
+def _reject(problems: list[_Problem]) -> NoReturn:
+    """Raise several problems at once, each at its own place, as pydantic reports field errors."""
+    errors = []
+    for problem in problems:
+        # The message goes in as a parameter: braces in it are not a template's.
+        kind = PydanticCustomError("worker_rule", "{message}", {"message": problem.message})
+        errors.append(InitErrorDetails(type=kind, loc=problem.loc, input=problem.value))
+    raise ValidationError.from_exception_data("WorkerConfig", errors)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _json_path(parts: Any) -> str:
+    """``params.items[2].text`` from jsonschema's path of an error."""
+    path = "params"
+    for part in parts:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif _IDENTIFIER.fullmatch(str(part)):
+            path += f".{part}"
+        else:
+            path += f"[{json.dumps(str(part))}]"
+    return path
+
+
+def _read_schema(value: str, info: ValidationInfo) -> dict[str, Any]:
+    """The JSON Schema in the file ``value`` names, relative to the config file's folder."""
+    base = Path((info.context or {}).get("folder") or ".")
+    file = base / value
+    try:
+        with file.open("rb") as opened:
+            data = opened.read(MAX_SCHEMA_FILE + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read the schema file {file}: {exc.strerror or exc}") from None
+    if len(data) > MAX_SCHEMA_FILE:
+        raise ValueError(f"the schema file {file} is larger than {format_size(MAX_SCHEMA_FILE)}")
+    try:
+        schema = json.loads(data)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise ValueError(f"the schema file {file} is not JSON: {_clip(str(exc))}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"the schema file {file} holds a {type(schema).__name__}, not a JSON Schema object")
+    _check_schema(schema, f"the schema in {file}")
+    return schema
+
+
+def _check_schema(schema: dict[str, Any], what: str) -> None:
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        where = ".".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise ValueError(
+            f"{what} is not a valid JSON Schema (Draft 2020-12): at {where}: {_clip(exc.message)}"
+        ) from None
+
 
 class WorkerConfig(_Section):
     """``[[workers]]``: one worker image and the limits its containers run with.
@@ -162,6 +342,11 @@ class WorkerConfig(_Section):
     ``sandbox = "strict"`` is the standard isolation plus gVisor (``runsc``), no
     network whatever else says, ``nofile``/``fsize`` ulimits, a 16 MiB /tmp and
     256 pids by default, and a hard cap of 300 s on the task's wall time.
+
+    The host's network, another container's network and root need an explicit
+    ``allow = ["host-network" | "container-network" | "root"]``; ``params_schema``
+    (a JSON Schema, inline or a file next to the config) describes the params
+    the worker takes, and ``params_problems()`` checks params against it.
     """
 
     name: str = Field(min_length=1)
@@ -184,6 +369,10 @@ class WorkerConfig(_Section):
     max_stderr: Size = 10 * 1024**2
     env: dict[str, str] = Field(default_factory=dict)
     sandbox: Literal["standard", "strict"] = "standard"
+    allow: list[str] = Field(default_factory=list)  # opt-ins, from OPT_INS
+    # A JSON Schema: a table, or (in the file) a path relative to the config file's folder.
+    params_schema: dict[str, Any] | None = None
+    _params_validator: Draft202012Validator | None = PrivateAttr(default=None)
 
     @model_validator(mode="before")
     @classmethod
@@ -193,32 +382,169 @@ class WorkerConfig(_Section):
         return data
 
     @model_validator(mode="after")
-    def _strict_rules(self) -> WorkerConfig:
+    def _rules(self) -> WorkerConfig:
+        """The rules about several fields, every broken one at once."""
+        problems = self._strict_problems() + self._opt_in_problems()
+        if problems:
+            _reject(problems)
+        if self.params_schema is not None:
+            # No registry of remote schemas: a "$ref" to a URL is never fetched (it is a problem when applied).
+            self._params_validator = Draft202012Validator(
+                self.params_schema, registry=Registry(), format_checker=Draft202012Validator.FORMAT_CHECKER
+            )
+        return self
+
+    def _strict_problems(self) -> list[_Problem]:
         if self.sandbox != "strict":
-            return self
+            return []
+        messages = {}  # field -> why it breaks strict
+        if self.runtime != GVISOR:
+            messages["runtime"] = (
+                f'runtime = "{self.runtime}" with sandbox = "strict": strict always runs under gVisor '
+                f'(runtime "{GVISOR}"); leave runtime out, or use sandbox = "standard" for another runtime'
+            )
         if self.network != "none":
-            raise ValueError(
+            messages["network"] = (
                 f'network = "{self.network}" with sandbox = "strict": a strict worker has no network '
                 "(untrusted code must not reach anything); use the standard sandbox for a worker that needs one"
             )
         if self.timeout > STRICT_MAX_TIMEOUT:
-            raise ValueError(f'timeout = {self.timeout:g}s with sandbox = "strict": the cap is {STRICT_MAX_TIMEOUT:g}s')
+            messages["timeout"] = (
+                f'timeout = {self.timeout:g}s with sandbox = "strict": the cap is {STRICT_MAX_TIMEOUT:g}s'
+            )
         if self.pids_limit < STRICT_MIN_PIDS:
-            raise ValueError(
+            messages["pids_limit"] = (
                 f'pids_limit = {self.pids_limit} with sandbox = "strict": gVisor\'s own threads count '
                 f"against it, so it must be at least {STRICT_MIN_PIDS}"
             )
-        return self
+        # At the worker, not the field: the rule is about two fields, and the message names both.
+        return [
+            _Problem((), message, {"sandbox": self.sandbox, field: getattr(self, field)})
+            for field, message in messages.items()
+        ]
+
+    def _opt_in_problems(self) -> list[_Problem]:
+        problems = []
+        for opt_in, (field, value, what) in self._needs().items():
+            if opt_in not in self.allow:
+                message = (
+                    f'{what} needs an explicit opt-in: add allow = ["{opt_in}"] to this worker if it must '
+                    f"(what it gives away: {OPT_INS[opt_in]})"
+                )
+                problems.append(_Problem((field,), message, value))
+        return problems
+
+    def _needs(self) -> dict[str, tuple[str, str, str]]:
+        """The opt-ins this worker's settings need: opt-in -> (field, value, what it is)."""
+        needs = {}
+        if self.network == "host":
+            needs["host-network"] = ("network", self.network, "the host's network")
+        elif self.network.startswith("container:"):
+            needs["container-network"] = ("network", self.network, "another container's network")
+        if _runs_as_root(self.user):
+            what = "root" if self.user.partition(":")[0].strip() else "the image's own user (usually root)"
+            needs["root"] = ("user", self.user, what)
+        return needs
+
+    def warnings(self) -> list[str]:
+        """One line per opt-in in ``allow``: what it gives away, or that nothing here uses it."""
+        needs = self._needs()
+        lines = []
+        for opt_in in self.allow:
+            if opt_in in needs:
+                field, value, _ = needs[opt_in]
+                lines.append(f'worker {self.name}: opted in to "{opt_in}" ({field} = "{value}"): {OPT_INS[opt_in]}')
+            else:
+                unused = "but no setting uses it; remove it, so that a later change cannot use it unnoticed"
+                lines.append(f'worker {self.name}: allows "{opt_in}" {unused}')
+        return lines
+
+    def params_problems(self, params: Any) -> list[str]:
+        """What is wrong with ``params`` by ``params_schema``: one line per violation, at most
+        ``MAX_PARAMS_PROBLEMS``, each naming the JSON path and the rule; [] when they conform
+        (or there is no schema)."""
+        if self._params_validator is None:
+            return []
+        try:
+            errors = list(itertools.islice(self._params_validator.iter_errors(params), MAX_PARAMS_PROBLEMS + 1))
+        except Exception as exc:  # a "$ref" that does not resolve, a schema too deep: refuse, never crash
+            return [f"params: the worker's params_schema cannot be applied: {_clip(f'{type(exc).__name__}: {exc}')}"]
+        lines = [
+            f"{_json_path(e.absolute_path)}: {_clip(e.message)} "
+            f"(rule: {'.'.join(str(p) for p in e.absolute_schema_path) or e.validator})"
+            for e in errors
+        ]
+        if len(lines) > MAX_PARAMS_PROBLEMS:
+            lines[MAX_PARAMS_PROBLEMS - 1 :] = [f"... and more (the first {MAX_PARAMS_PROBLEMS - 1} are shown)"]
+        return lines
 
     @property
     def strict(self) -> bool:
         return self.sandbox == "strict"
+
+    @field_validator("allow")
+    @classmethod
+    def _known_opt_ins(cls, value: list[str]) -> list[str]:
+        unknown = [entry for entry in value if entry not in OPT_INS]
+        if unknown:
+            known = ", ".join(f'"{name}"' for name in OPT_INS)
+            raise ValueError(f"unknown opt-in {', '.join(map(repr, unknown))}; the known ones are {known}")
+        return list(dict.fromkeys(value))
+
+    @field_validator("params_schema", mode="before")
+    @classmethod
+    def _load_schema(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            return _read_schema(value, info)
+        if isinstance(value, dict):
+            _check_schema(value, "the schema")
+            return value
+        if value is None:
+            return value
+        raise ValueError("expected a JSON Schema: a table, or the path of a JSON file next to the config")
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_name(cls, value: str | None) -> str | None:
+        if value is not None and not _RUNTIME.fullmatch(value):
+            raise ValueError('expected the name of a runtime registered with the engine, like "runc" or "runsc"')
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, value: str) -> str:
+        match = _IMAGE.fullmatch(value)
+        if not match or len(match.group("name")) > 255:
+            raise ValueError(
+                "expected a Docker image reference: [registry[:port]/]name[:tag][@sha256:digest], "
+                'the name in lowercase, like "workerhost/echo:latest"'
+            )
+        return value
+
+    @field_validator("network")
+    @classmethod
+    def _network_name(cls, value: str) -> str:
+        if not _NETWORK.fullmatch(value):
+            raise ValueError('expected "none", "bridge", "host", "container:NAME" or the name of a Docker network')
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_entries(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            if not key or "=" in key or "\0" in key:
+                raise ValueError(f"the variable name {key!r} is empty or holds '=' or a NUL byte")
+            if "\0" in item:
+                raise ValueError(f"the value of {key} holds a NUL byte")
+        return value
 
     @field_validator("command")
     @classmethod
     def _command_not_empty(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and not value:
             raise ValueError("an empty command; leave it out to use the image's CMD")
+        if value is not None and any("\0" in part for part in value):
+            raise ValueError("a command entry holds a NUL byte")
         return value
 
     @field_validator("memory")
@@ -251,6 +577,11 @@ class Config(_Section):
         return [t for worker in self.workers for t in worker.task_types]
 
 
+def opt_in_warnings(config: Config) -> list[str]:
+    """What the workers' opt-ins (``allow``) give away, one line each: for serve, doctor and validate."""
+    return [line for worker in config.workers for line in worker.warnings()]
+
+
 def default_path() -> Path:
     """``$WORKERHOST_CONFIG`` if set, else ``./workerhost.toml``."""
     return Path(os.environ.get(ENV_CONFIG) or DEFAULT_PATH)
@@ -280,7 +611,8 @@ def loads(text: str, source: str = DEFAULT_PATH, environ: Mapping[str, str] | No
         data["task_manager"].setdefault("type", "embedded")  # the default source needs no type
     problems = [*unset.values(), *_duplicates(data, source)]
     try:
-        config = Config.model_validate({**data, "source": source})
+        # The folder is where a worker's params_schema file is looked for.
+        config = Config.model_validate({**data, "source": source}, context={"folder": Path(source).parent})
     except ValidationError as exc:
         # A value left empty by an unset variable is already reported once.
         problems.extend(_describe(e, raw, source) for e in exc.errors() if _loc(e) not in unset)

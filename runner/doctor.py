@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from runner.attempts import new_task
-from runner.config import GVISOR, Config, WorkerConfig
+from runner.config import GVISOR, Config, WorkerConfig, opt_in_warnings
 from runner.docker import DockerRunner
 from runner.errors import EngineError, WorkerhostError
 from runner.protocol import Status, classify
@@ -56,6 +57,7 @@ def check(config: Config, runner: DockerRunner, probe_image: str = "workerhost/p
     except EngineError as exc:
         report.add("engine", "does not answer")
         report.problems.append(str(exc))
+        _add_opt_ins(report, config)
         return report
     report.add("engine", f"Docker {info['version']} (API {info['api_version']}), {info['os']}")
     report.add("kernel", info["kernel"])
@@ -66,7 +68,14 @@ def check(config: Config, runner: DockerRunner, probe_image: str = "workerhost/p
     report.problems.extend(missing_runtimes(config, runtimes))
     for worker in config.workers:
         report.add(f"worker {worker.name}", _worker_line(runner, worker, report))
+    _add_opt_ins(report, config)
     return report
+
+
+def _add_opt_ins(report: Report, config: Config) -> None:
+    # A warning, not a problem: the config opted in on purpose, and can run.
+    for line in opt_in_warnings(config):
+        report.add("opt-in", line)
 
 
 def _strict_verdict(runner: DockerRunner, runtimes: list[str], image: str) -> str:
@@ -101,6 +110,12 @@ def _worker_line(runner: DockerRunner, worker: WorkerConfig, report: Report) -> 
         )
     runtime = worker.runtime or "default"
     return f"{worker.sandbox} sandbox, runtime {runtime}, image {'present' if present else 'MISSING'}"
+
+
+def warn_opt_ins(config: Config, logger: logging.Logger) -> None:
+    """For ``serve``: one warning per worker and opt-in (``allow``), saying what it gives away."""
+    for line in opt_in_warnings(config):
+        logger.warning("%s", line)
 
 
 def require_runtimes(config: Config, runner: DockerRunner) -> None:

@@ -295,6 +295,13 @@ class Host:
         loop = asyncio.get_running_loop()
         self.engine_ok(await loop.run_in_executor(self._executor, self.runner.ping))
         await self.undertaker.tidy()
+        try:
+            pruned = await self.source.prune()
+        except SourceUnavailable as exc:
+            log.warning("could not prune finished tasks: %s", exc)
+        else:
+            if pruned:
+                log.info("pruned %d finished tasks past their retention", pruned)
 
     # -- the way out ----------------------------------------------------------------------
 

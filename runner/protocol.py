@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from runner import jsondata
+
 PROTOCOL_VERSION = 1
 
 
@@ -152,6 +154,8 @@ class Outcome:
 
 
 _QUOTE = 200
+_TYPE_LIMIT = 200  # characters of a worker's error type that are kept
+_MESSAGE_LIMIT = 8192  # and of its message
 
 
 def classify(end: ContainerEnd) -> Outcome:
@@ -209,7 +213,12 @@ def _from_stdout(stdout: bytes, code: int) -> Outcome:
     if reply is None:
         return _failed("InvalidOutput", problem, retriable=False, code=code)
     if reply["success"] is True:
-        return Outcome(Status.COMPLETED, result=reply.get("result"), exit_code=code)
+        result = reply.get("result")
+        # What cannot be stored and read back as JSON is not a result: NaN, a lone surrogate, a bomb.
+        unreadable = jsondata.problem(result, "result")
+        if unreadable is not None:
+            return _failed("InvalidOutput", f"the result cannot be stored as JSON: {unreadable}", False, code)
+        return Outcome(Status.COMPLETED, result=result, exit_code=code)
     error = _error_info(reply)
     return Outcome(Status.FAILED, retriable=_retriable(reply), error=error, exit_code=code)
 
@@ -220,6 +229,8 @@ def parse_reply(stdout: bytes) -> tuple[dict[str, Any] | None, str]:
         return None, "the worker wrote nothing on stdout (expected one JSON object)"
     try:
         reply = json.loads(stdout)
+    except RecursionError:
+        return None, f"stdout is JSON nested too deep to read: {_quote(stdout)}"
     except (ValueError, UnicodeDecodeError):
         return None, f"stdout is not one JSON object: {_quote(stdout)}"
     if not isinstance(reply, dict):
@@ -242,12 +253,18 @@ def _error_info(reply: dict[str, Any]) -> ErrorInfo:
         kind = error.get("type")
         message = error.get("message")
         return ErrorInfo(
-            str(kind) if kind else "WorkerError",
-            str(message) if message is not None else "the worker reported a failure",
+            _text(kind, _TYPE_LIMIT) if kind else "WorkerError",
+            _text(message, _MESSAGE_LIMIT) if message is not None else "the worker reported a failure",
         )
     if isinstance(error, str):
-        return ErrorInfo("WorkerError", error)
+        return ErrorInfo("WorkerError", _text(error, _MESSAGE_LIMIT))
     return ErrorInfo("WorkerError", "the worker reported a failure without details")
+
+
+def _text(value: Any, limit: int) -> str:
+    """A worker's word as text that can be stored and shown: any JSON value, no lone surrogates, bounded."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)[: limit * 2]
+    return jsondata.clean_text(text, limit)
 
 
 def _retriable(reply: dict[str, Any]) -> bool:

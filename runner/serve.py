@@ -20,9 +20,10 @@ from collections.abc import Iterator
 import uvicorn
 
 from runner.api import create_app
+from runner.auth import check_listener
 from runner.config import Config
 from runner.docker import DockerRunner, connect
-from runner.doctor import require_runtimes
+from runner.doctor import require_runtimes, warn_opt_ins
 from runner.errors import EngineError, WorkerhostError
 from runner.host import Host
 from runner.owners import new_owner
@@ -39,13 +40,14 @@ def open_source(config: Config, owner: str) -> tuple[TaskSource, EmbeddedQueue |
     """The configured task source, and the embedded queue when that is what it is."""
     manager = config.task_manager
     if manager.type == "embedded":
-        queue = EmbeddedQueue(manager.path, owner=owner, lease=manager.lease)
+        queue = EmbeddedQueue(manager.path, owner=owner, lease=manager.lease, retention=manager.retention)
         return queue, queue
-    from runner.sources.http import HttpTaskSource, check_timeouts
+    from runner.sources.http import HttpTaskSource, check_timeouts, param_schemas
 
     for warning in check_timeouts(manager, config.workers):
         log.warning("%s", warning)
-    return HttpTaskSource(manager, config.host.id, config.task_types()), None
+    schemas = param_schemas(config.workers)
+    return HttpTaskSource(manager, config.host.id, config.task_types(), schemas=schemas), None
 
 
 class _Server(uvicorn.Server):
@@ -65,7 +67,9 @@ async def serve(config: Config, burst: bool = False) -> int:
     Everything opened here is closed on every way out, a failed start-up check
     included: each resource joins the exit stack the moment it exists.
     """
+    warn_opt_ins(config, log)  # what each worker's allow = [...] gives away, at every start
     async with contextlib.AsyncExitStack() as opened:
+        check_listener(config.host)  # no token beyond loopback: refuse before anything opens
         listener = _listen(config.host.http)  # first, so that a taken port stops us before any claim
         opened.callback(listener.close)
         owner = new_owner()
@@ -84,8 +88,9 @@ async def serve(config: Config, burst: bool = False) -> int:
         hooks = Hooks([tracing, log_hook, metrics, *user_hooks], contexts=tracing.span_context)
         host = Host(config, source, runner, hooks, owner=owner)
         host.engine_ok(_warn_about_images(config, runner))
+        # log_config=None: uvicorn's loggers keep no handlers of their own and go through ours (runner.telemetry.logs).
         server = _Server(uvicorn.Config(create_app(host, metrics, queue), log_level="warning", access_log=False,
-                                        lifespan="off"))  # fmt: skip
+                                        lifespan="off", log_config=None))  # fmt: skip
         api = asyncio.create_task(server.serve(sockets=[listener]), name="api")
         opened.push_async_callback(_stop_api, server, api)
         signals = _SignalHandler(host)

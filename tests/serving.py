@@ -111,9 +111,10 @@ class Serve:
 
 def config_text(
     host_id: str, port: int, db: Path, image: str, *, concurrency: int = 4, grace: str = "30s",
-    lease: str = "30s", workers: str = "",
+    lease: str = "30s", workers: str = "", extra_host: str = "",
 ) -> str:  # fmt: skip
-    """A serve config with the test worker, and ``workers`` appended (more [[workers]] tables)."""
+    """A serve config with the test worker, ``extra_host`` lines added to [host], and ``workers``
+    appended (more [[workers]] tables)."""
     return f"""
 [host]
 id = "{host_id}"
@@ -122,7 +123,7 @@ http = "127.0.0.1:{port}"
 grace = "{grace}"
 poll_max = "200ms"
 reap_interval = "1s"
-
+{extra_host}
 [task_manager]
 type = "embedded"
 path = "{db}"

@@ -151,6 +151,10 @@ class TaskSource:
         """Every task held (running) now, with its holder."""
         return []
 
+    async def prune(self) -> int:
+        """Drop finished tasks older than the source's retention; how many (a source that keeps none: 0)."""
+        return 0
+
     async def health(self) -> dict[str, Any]:
         """What the source says of itself; raise SourceUnavailable when it does not answer."""
         raise NotImplementedError

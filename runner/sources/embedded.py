@@ -15,7 +15,6 @@ SQLite calls are short and run in a worker thread, off the event loop.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import threading
 import time
@@ -26,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runner import jsondata
 from runner.sources import (
     Capabilities,
     ClaimedTask,
@@ -36,6 +36,7 @@ from runner.sources import (
     SourceUnavailable,
     TaskSource,
 )
+from runner.telemetry import context
 
 T = TypeVar("T")
 
@@ -91,10 +92,11 @@ class EmbeddedQueue(TaskSource):
     a lease, promising the next beat within a lease.
     """
 
-    def __init__(self, path: str | Path, owner: str, lease: float = 30.0) -> None:
+    def __init__(self, path: str | Path, owner: str, lease: float = 30.0, retention: float = 7 * 86400.0) -> None:
         self.path = Path(path)
         self.owner = owner  # this process's lease token
         self.lease = lease
+        self.retention = retention
         self.capabilities = Capabilities(renew_every=lease / 3, registry=True, knows_final_attempt=True)
         self.heartbeat_every = lease / 3
         self._lock = threading.Lock()
@@ -182,10 +184,21 @@ class EmbeddedQueue(TaskSource):
                     WHERE id = ? RETURNING *""",
                 (self.owner, now + self.lease, now, now, row["id"]),
             ).fetchone()
+            params, problem = jsondata.loads(claimed["params"], "params")
+            if problem is not None or not isinstance(params, dict):
+                # A row an older version stored that no worker could be given: failed for good, here,
+                # rather than claimed and broken again at every attempt.
+                db.execute(
+                    """UPDATE tasks SET status = 'failed', outcome = 'failed', retriable = 0,
+                            error_type = 'InvalidParams', error_message = ?, lease_owner = NULL,
+                            lease_expires = NULL, finished_at = ?, updated_at = ? WHERE id = ?""",
+                    (f"the stored params cannot be read: {problem or 'not an object'}", now, now, row["id"]),
+                )
+                return None
         return ClaimedTask(
             id=claimed["id"],
             type=claimed["type"],
-            params=json.loads(claimed["params"]),
+            params=params,
             attempt=claimed["attempts"],
             correlation_id=claimed["correlation_id"],
             traceparent=claimed["traceparent"],
@@ -226,7 +239,7 @@ class EmbeddedQueue(TaskSource):
                     run_at,
                     str(outcome.status),
                     int(outcome.retriable),
-                    json.dumps(outcome.result) if outcome.ok else None,
+                    jsondata.dumps(outcome.result).encode() if outcome.ok else None,
                     error.type if error else None,
                     error.message if error else None,
                     finished.worker,
@@ -311,7 +324,13 @@ class EmbeddedQueue(TaskSource):
         traceparent: str | None = None,
         task_id: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Add a task; returns it and whether it is new (an idempotency key may return an old one)."""
+        """Add a task; returns it and whether it is new (an idempotency key may return an old one).
+
+        Raises ValueError for params that would not read back as JSON (the API refuses them first).
+        """
+        problem = jsondata.problem(params, "params")
+        if problem is not None:
+            raise ValueError(problem)
         now = time.time()
         task_id = task_id or str(uuid.uuid4())
         with self._write() as db:
@@ -323,7 +342,7 @@ class EmbeddedQueue(TaskSource):
                 (
                     task_id,
                     task_type,
-                    json.dumps(params),
+                    jsondata.dumps(params).encode(),
                     priority,
                     max_attempts,
                     idempotency_key,
@@ -346,7 +365,15 @@ class EmbeddedQueue(TaskSource):
             row = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return _public(row) if row else None
 
-    def list(self, status: str | None = None, task_type: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def page(
+        self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Tasks, newest first, and whether some were cut to summaries.
+
+        Without ``full``, summaries: no params, result or stderr tail, none of them
+        even read from the file. With it, whole tasks while their stored params,
+        results and tails fit in ``budget`` bytes; the rest as summaries that say so.
+        """
         clauses, args = [], []
         if status:
             clauses.append("status = ?")
@@ -355,11 +382,60 @@ class EmbeddedQueue(TaskSource):
             clauses.append("type = ?")
             args.append(task_type)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        order = "ORDER BY created_at DESC, rowid DESC LIMIT ?"
         with self._read() as db:
-            rows = db.execute(
-                f"SELECT * FROM tasks {where} ORDER BY created_at DESC, rowid DESC LIMIT ?", (*args, limit)
+            if not full or budget is None:
+                columns = "*" if full else _SUMMARY
+                rows = db.execute(f"SELECT {columns} FROM tasks {where} {order}", (*args, limit)).fetchall()
+                return [_public(row) for row in rows], False
+            # Sizes first (params and results are stored as BLOBs, whose length SQLite reads from
+            # the record's header, not the content), then only the rows that fit: a page over big
+            # tasks never holds more than the budget.
+            sizes = db.execute(
+                f"""SELECT id, length(params) + coalesce(length(result), 0)
+                        + coalesce(length(stderr_tail), 0) AS size FROM tasks {where} {order}""",
+                (*args, limit),
             ).fetchall()
-        return [_public(row) for row in rows]
+            tasks: list[dict[str, Any]] = []
+            cut = False
+            for row in sizes:
+                fits = row["size"] <= budget
+                budget -= row["size"] if fits else 0
+                columns = "*" if fits else _SUMMARY
+                found = db.execute(f"SELECT {columns} FROM tasks WHERE id = ?", (row["id"],)).fetchone()
+                if found is None:
+                    continue
+                task = _public(found)
+                if not fits:
+                    cut = True
+                    task["omitted"] = "params, result and stderr tail: over what one list carries; GET the task"
+                tasks.append(task)
+        return tasks, cut
+
+    def list(self, status: str | None = None, task_type: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Tasks, newest first, whole (params, result, stderr tail): for a few; the API pages with ``page``."""
+        return self.page(status, task_type, limit, full=True)[0]
+
+    def delete(self, task_id: str) -> tuple[bool, str | None]:
+        """Delete a task that is not running: (deleted, its status; None when there is no such task)."""
+        with self._write() as db:
+            row = db.execute("SELECT status FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if row is None or row["status"] == "running":
+                return False, row["status"] if row else None
+            db.execute("DELETE FROM tasks WHERE id = ? AND status != 'running'", (task_id,))
+        return True, row["status"]
+
+    async def prune(self) -> int:
+        return await self._async(self._prune)
+
+    def _prune(self) -> int:
+        """Delete finished tasks whose end is older than the retention."""
+        with self._write() as db:
+            cursor = db.execute(
+                "DELETE FROM tasks WHERE status IN ('completed', 'failed', 'dead') AND finished_at < ?",
+                (time.time() - self.retention,),
+            )
+        return cursor.rowcount
 
     def retry(self, task_id: str, max_attempts: int | None = None) -> dict[str, Any] | None:
         """Send a failed or dead task back to pending, as new (with ``max_attempts`` from the
@@ -413,26 +489,39 @@ class EmbeddedQueue(TaskSource):
                 raise SourceUnavailable(f"embedded queue {self.path}: {exc}") from None
 
 
+# What a summary reads: everything but the params, the result and the stderr tail.
+_SUMMARY = (
+    "id, type, status, attempts, max_attempts, priority, correlation_id, traceparent, created_at, updated_at, "
+    "idempotency_key, "
+    "outcome, worker, image_id, duration, started_at, finished_at, run_at, error_type, error_message, retriable"
+)
+
+
 def _public(row: sqlite3.Row) -> dict[str, Any]:
-    """A task as the API shows it."""
+    """A task as the API shows it (a summary when the row has no params).
+
+    Reading never fails: a stored value that does not read back as JSON (a row
+    an older version stored) is shown as null, and ``unreadable`` says why.
+    """
+    columns = set(row.keys())
     task: dict[str, Any] = {
         "id": row["id"],
-        "type": row["type"],
+        "type": _text(row["type"]),
         "status": row["status"],
         "attempts": row["attempts"],
         "max_attempts": row["max_attempts"],
         "priority": row["priority"],
-        "params": json.loads(row["params"]),
-        "correlation_id": row["correlation_id"],
+        "correlation_id": _text(row["correlation_id"]),
+        "trace_id": context.trace_id_of(row["traceparent"]),
         "created_at": _iso(row["created_at"]),
         "updated_at": _iso(row["updated_at"]),
     }
     optional = {
-        "idempotency_key": row["idempotency_key"],
+        "idempotency_key": _text(row["idempotency_key"]),
         "outcome": row["outcome"],
         "worker": row["worker"],
         "image_id": row["image_id"],
-        "stderr_tail": row["stderr_tail"],
+        "stderr_tail": _text(row["stderr_tail"]) if "stderr_tail" in columns else None,
         "duration": row["duration"],
         "started_at": _iso(row["started_at"]),
         "finished_at": _iso(row["finished_at"]),
@@ -440,12 +529,24 @@ def _public(row: sqlite3.Row) -> dict[str, Any]:
     task.update({k: v for k, v in optional.items() if v is not None})
     if row["status"] == "pending" and row["run_at"] > time.time():
         task["run_at"] = _iso(row["run_at"])
-    if row["result"] is not None:
-        task["result"] = json.loads(row["result"])
+    unreadable: dict[str, str] = {}
+    for field in ("params", "result"):
+        if field in columns and row[field] is not None:
+            task[field], problem = jsondata.loads(row[field], field)
+            if problem is not None:
+                unreadable[field] = problem
+    if unreadable:
+        task["unreadable"] = unreadable
     if row["error_type"] is not None:
         retriable = bool(row["retriable"])
-        task["error"] = {"type": row["error_type"], "message": row["error_message"], "retriable": retriable}
+        task["error"] = {
+            "type": _text(row["error_type"]), "message": _text(row["error_message"]), "retriable": retriable,
+        }  # fmt: skip
     return task
+
+
+def _text(value: str | None) -> str | None:
+    return jsondata.clean_text(value) if isinstance(value, str) else value
 
 
 def _iso(moment: float | None) -> str | None:

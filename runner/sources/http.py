@@ -6,7 +6,9 @@ The server speaks JSON over HTTP with an ``X-API-Key`` header (every call but
 - A task type is claimed by its numeric id, one id per call. ``start()``
   resolves the ids of the configured task types once (``GET /task-types/{name}``)
   and, with ``register_task_types = true``, registers the missing ones
-  (version "1.0.0", param_schema ``{"type": "object"}``); an unknown type that
+  (version "1.0.0", param_schema: the worker's ``params_schema``, or
+  ``{"type": "object"}`` without one; the server wants a "type" at the top, so
+  a schema without one gets ``"type": "object"``); an unknown type that
   is not registered is logged as a warning and never claimed. ``claim()``
   cycles over the types round-robin, starting after the type it last claimed
   from, so that a busy type cannot starve the others.
@@ -38,19 +40,19 @@ whose timeout outlives a claim. Every httpx error becomes ``SourceUnavailable``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from runner import __version__
+from runner import __version__, jsondata
 from runner.config import HttpSource, WorkerConfig
 from runner.sources import Capabilities, ClaimedTask, Finished, LeaseLost, SourceUnavailable, TaskSource
+from runner.telemetry.context import parse as parse_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +73,16 @@ class HttpTaskSource(TaskSource):
         host_id: str,
         task_types: list[str],
         client: httpx.AsyncClient | None = None,
+        schemas: Mapping[str, dict[str, Any]] | None = None,
     ) -> None:
         """``task_types`` are the host's; ``config.task_types``, when set, takes their place.
 
         Pass ``client`` to share one; otherwise the source makes its own and
-        ``close()`` closes it.
+        ``close()`` closes it. ``schemas`` (task type -> JSON Schema of its
+        params, see ``param_schemas``) is what a type is registered with.
         """
         self._config = config
+        self._schemas = dict(schemas or {})
         self._url = config.url.rstrip("/")
         self.worker_id = config.worker_id or host_id
         self.task_types = list(config.task_types or task_types)
@@ -209,7 +214,9 @@ class HttpTaskSource(TaskSource):
         return self._id(data, "GET", path)  # older servers: the type itself
 
     async def _register(self, name: str) -> str:
-        body = {"name": name, "version": REGISTER_VERSION, "param_schema": REGISTER_SCHEMA}
+        # The server refuses a schema without a "type" at the top; params are objects anyway.
+        schema = {**REGISTER_SCHEMA, **self._schemas.get(name, {})}
+        body = {"name": name, "version": REGISTER_VERSION, "param_schema": schema}
         path = "/task-types/register"
         status, payload = await self._send("POST", path, body)
         data = self._data("POST", path, status, payload)
@@ -251,9 +258,11 @@ class HttpTaskSource(TaskSource):
             except LeaseLost as exc:  # claim() raises nothing but SourceUnavailable
                 log.warning("task %s: could not report its invalid params: %s", task_id, exc)
             return None
-        # A producer may carry its trace context in the task (no field of the API holds it otherwise).
+        # A producer may carry its trace context in the task (no field of the API holds it otherwise);
+        # one that is not W3C is ignored, as the W3C says.
         traceparent = data.get("traceparent") or params.get("traceparent")
-        return replace(task, params=params, traceparent=traceparent if isinstance(traceparent, str) else None)
+        valid = isinstance(traceparent, str) and parse_traceparent(traceparent) is not None
+        return replace(task, params=params, traceparent=traceparent if valid else None)
 
     async def _settle(self, task: ClaimedTask, body: dict[str, Any]) -> None:
         await self._on_task(task, "complete", body)
@@ -350,6 +359,11 @@ def check_timeouts(source_config: HttpSource, workers: Iterable[WorkerConfig]) -
     ]
 
 
+def param_schemas(workers: Iterable[WorkerConfig]) -> dict[str, dict[str, Any]]:
+    """Task type -> its worker's ``params_schema``, for the workers that have one."""
+    return {t: worker.params_schema for worker in workers if worker.params_schema for t in worker.task_types}
+
+
 def _attempt(attempts: Any) -> int:
     """This attempt's number: the claim's ``attempts`` already counts this claim (1 when fresh)."""
     if isinstance(attempts, str) and attempts.strip().isdigit():
@@ -364,11 +378,11 @@ def _params(value: Any) -> dict[str, Any] | None:
     if value is None:
         return {}
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
+        value, problem = jsondata.loads(value, "params")
+        if problem is not None:
             return None
-    return value if isinstance(value, dict) else None
+    # Only what can be written to a worker's stdin and stored: no NaN, no lone surrogates, no bombs.
+    return value if isinstance(value, dict) and jsondata.problem(value) is None else None
 
 
 def _is_no_task(status: int, payload: dict[str, Any]) -> bool:

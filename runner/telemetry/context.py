@@ -47,6 +47,12 @@ def parse(traceparent: str | None) -> TraceContext | None:
     return TraceContext(trace_id, span_id, int(flags, 16))
 
 
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id a ``traceparent`` names, or None."""
+    found = parse(traceparent)
+    return found.trace_id if found is not None else None
+
+
 def child_of(parent: str | TraceContext | None) -> TraceContext:
     """A new span's context: in ``parent``'s trace (with its flags), or in a new trace without one."""
     context = parse(parent) if isinstance(parent, str) or parent is None else parent

@@ -43,6 +43,15 @@ class Metrics:
         self.source_up = Gauge("workerhost_source_up", "1 when the task source answers", registry=r)
         self.engine_up = Gauge("workerhost_engine_up", "1 when the Docker engine answers", registry=r)
         self.queue_depth = Gauge("workerhost_queue_tasks", "Tasks in the queue, by status", ["status"], registry=r)
+        # Kept by the API's guard (runner/auth.py), not by events: a request is not a host event.
+        self.api_requests = Counter(
+            "workerhost_api_requests", "API requests answered, by route template, method and status",
+            ["route", "method", "status"], registry=r,
+        )  # fmt: skip
+        self.auth_failures = Counter(
+            "workerhost_auth_failures", "API requests refused for their token (missing or invalid)", ["reason"],
+            registry=r,
+        )  # fmt: skip
 
     def __call__(self, event: Event) -> None:
         worker = event.worker or ""

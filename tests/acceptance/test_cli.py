@@ -6,13 +6,14 @@ import json
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT, new_host_id
-from tests.serving import executable, free_port
+from tests.serving import Serve, config_text, executable, free_port
 
 SHIPPED = ROOT / "workerhost.toml"
 
@@ -38,6 +39,18 @@ def output(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     assert len(lines) == 1, f"expected one JSON line on stdout, got {done.stdout!r} (stderr: {done.stderr})"
     body: dict[str, Any] = json.loads(lines[0])
     return body
+
+
+def said(stderr: str) -> str:
+    """What a command told its user on stderr: plain lines as they are, JSON log lines by their text."""
+    lines = []
+    for line in stderr.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        lines.append(str(record.get("event", line)) if isinstance(record, dict) else line)
+    return "\n".join(lines)
 
 
 # -- without an engine ----------------------------------------------------------
@@ -114,7 +127,8 @@ def test_invalid_params_exit_2(params: str) -> None:
 
 
 def test_an_unreachable_engine_is_said_plainly(tmp_path: Path) -> None:
-    done = workerhost("run", "PrismQ.Example.Echo", "{}", env={"DOCKER_HOST": f"unix://{tmp_path}/nothing.sock"})
+    params = '{"text": "hi"}'
+    done = workerhost("run", "PrismQ.Example.Echo", params, env={"DOCKER_HOST": f"unix://{tmp_path}/nothing.sock"})
     assert done.returncode == 1
     body = output(done)
     assert body["error"]["type"] == "EngineError"
@@ -135,6 +149,8 @@ def test_workers_lists_images_limits_and_task_types(example_images: None) -> Non
     assert legacy["image_present"] is True
     assert (legacy["memory"], legacy["pids_limit"], legacy["network"]) == ("64m", 16, "none")
     assert legacy["task_types"] == ["PrismQ.Legacy.NormalizeTags"]
+    assert (legacy["params_schema"], legacy["allow"]) == (None, [])
+    assert rows["PrismQ.Example.Echo"]["params_schema"]["required"] == ["text"]
     table = workerhost("workers")
     assert "MEMORY" in table.stdout and "workerhost/text-stats:latest" in table.stdout
 
@@ -265,19 +281,169 @@ def test_doctor_reports_the_engine_and_whether_strict_workers_can_run(docker_cli
 
 
 @pytest.mark.docker
-def test_serve_refuses_a_strict_worker_the_engine_cannot_run(tmp_path: Path, docker_client: Any) -> None:
-    config = tmp_path / "strict.toml"
+def test_serve_refuses_a_worker_whose_runtime_the_engine_lacks(tmp_path: Path, docker_client: Any) -> None:
+    # A strict worker can only lack gVisor itself (see test_doctor.py); any other runtime says the same.
+    config = tmp_path / "odd.toml"
     config.write_text(
         f'[host]\nid = "{new_host_id()}"\nhttp = "127.0.0.1:{free_port()}"\n'
         f'[task_manager]\npath = "{tmp_path / "q.db"}"\n'
-        '[[workers]]\nname = "Untrusted"\nimage = "workerhost/python:3.11"\ntask_types = ["U"]\n'
-        'sandbox = "strict"\nruntime = "runsc-not-registered"\n'
+        '[[workers]]\nname = "Odd"\nimage = "workerhost/python:3.11"\ntask_types = ["U"]\n'
+        'runtime = "runsc-not-registered"\n'
     )
     done = workerhost("serve", "-c", str(config))
 
     assert done.returncode == 1
-    assert "worker Untrusted: its sandbox is strict, which needs the runtime 'runsc-not-registered'" in done.stderr
+    assert "worker Odd: it needs the runtime 'runsc-not-registered'" in done.stderr
     assert "Traceback" not in done.stderr
     doctor = workerhost("doctor", "-c", str(config))
     assert doctor.returncode == 1
     assert "runsc-not-registered" in doctor.stdout
+
+
+def test_a_strict_worker_on_another_runtime_is_a_config_error(tmp_path: Path) -> None:
+    config = tmp_path / "strict.toml"
+    config.write_text(
+        f'[task_manager]\npath = "{tmp_path / "q.db"}"\n'
+        '[[workers]]\nname = "Untrusted"\nimage = "workerhost/python:3.11"\ntask_types = ["U"]\n'
+        'sandbox = "strict"\nruntime = "runc"\n'
+    )
+    for command in ("serve", "validate", "doctor"):
+        done = workerhost(command, "-c", str(config))
+        assert done.returncode == 2, (command, done.stderr)
+        assert (
+            f'{config}: workers[0] (Untrusted): runtime = "runc" with sandbox = "strict": strict always runs '
+            'under gVisor (runtime "runsc")' in said(done.stderr)
+        ), command
+    assert not (tmp_path / "q.db").exists()  # serve stopped before it opened anything
+
+
+# -- opt-ins and params_schema ----------------------------------------------------
+
+OPTED_IN = """
+[[workers]]
+name = "Net"
+image = "workerhost/python:3.11"
+task_types = ["Net"]
+network = "host"
+user = "0:0"
+allow = ["host-network", "root"]
+
+[[workers]]
+name = "Sidecar"
+image = "workerhost/python:3.11"
+task_types = ["Sidecar"]
+network = "container:proxy"
+allow = ["container-network"]
+"""
+
+
+def test_validate_refuses_a_dangerous_setting_without_its_opt_in(tmp_path: Path) -> None:
+    config = tmp_path / "root.toml"
+    config.write_text('[[workers]]\nname = "Admin"\nimage = "workerhost/python:3.11"\ntask_types = ["A"]\n'
+                      'user = "root"\n')  # fmt: skip
+    done = workerhost("validate", "-c", str(config))
+
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"{config}: workers[0] (Admin).user: root needs an explicit opt-in: ")
+    assert 'add allow = ["root"] to this worker if it must' in line
+    assert line.endswith("(got 'root')")
+
+
+def test_validate_prints_what_each_opt_in_gives_away_and_exits_0(tmp_path: Path) -> None:
+    config = tmp_path / "opted.toml"
+    config.write_text(OPTED_IN)
+    done = workerhost("validate", "-c", str(config))
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{config}: valid (2 workers, 2 task types)"
+    warnings = done.stderr.strip().splitlines()
+    assert len(warnings) == 3, warnings
+    assert warnings[0].startswith('warning: worker Net: opted in to "host-network" (network = "host"): ')
+    assert "this host's API included" in warnings[0]
+    assert warnings[1].startswith('warning: worker Net: opted in to "root" (user = "0:0"): ')
+    assert "runs as root inside its container (all capabilities dropped, no-new-privileges" in warnings[1]
+    assert warnings[2].startswith(
+        'warning: worker Sidecar: opted in to "container-network" (network = "container:proxy"): '
+    )
+
+
+def test_validate_of_the_shipped_config_warns_about_nothing() -> None:
+    done = workerhost("validate")
+    assert done.returncode == 0, done.stderr
+    assert "warning" not in done.stderr
+
+
+@pytest.mark.docker
+def test_doctor_shows_each_opt_in(tmp_path: Path, docker_client: Any) -> None:
+    config = tmp_path / "opted.toml"
+    config.write_text(OPTED_IN)
+    done = workerhost("doctor", "-c", str(config))
+
+    opt_ins = [line for line in done.stdout.splitlines() if line.startswith("opt-in")]
+    assert len(opt_ins) == 3, done.stdout
+    assert 'worker Net: opted in to "host-network" (network = "host")' in opt_ins[0]
+    assert 'worker Net: opted in to "root" (user = "0:0")' in opt_ins[1]
+    assert 'worker Sidecar: opted in to "container-network"' in opt_ins[2]
+    # Opt-ins are warnings, not problems: the engine answers and the image is there, so the config can run.
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "problems:" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        ("{}", "params: 'text' is a required property (rule: required)"),
+        ('{"text": 5}', "params.text: 5 is not of type 'string' (rule: properties.text.type)"),
+    ],
+)
+def test_run_refuses_params_against_the_schema_before_the_engine(tmp_path: Path, params: str, says: str) -> None:
+    # No engine answers here: a refusal that came after connecting would be an EngineError, exit 1.
+    done = workerhost("run", "PrismQ.Example.Echo", params, env={"DOCKER_HOST": f"unix://{tmp_path}/nothing.sock"})
+
+    assert done.returncode == 2, done.stderr
+    error = output(done)["error"]
+    assert error["type"] == "InvalidParams"
+    assert error["message"] == f"PARAMS do not match worker PrismQ.Example.Echo's params_schema:\n  {says}"
+    assert says in done.stderr
+
+
+@pytest.mark.docker
+def test_run_refuses_bad_params_and_starts_no_container(docker_client: Any, example_images: None) -> None:
+    host = new_host_id()
+    began = int(time.time())
+    done = workerhost("run", "PrismQ.Example.Echo", '{"txt": "typo"}', env={"WORKERHOST_HOST_ID": host})
+    assert done.returncode == 2, done.stderr
+    assert "params: 'text' is a required property" in output(done)["error"]["message"]
+    # The same command with good params does create one, which the events below must see.
+    done = workerhost("run", "PrismQ.Example.Echo", '{"text": "typo fixed"}', env={"WORKERHOST_HOST_ID": host})
+    assert done.returncode == 0, done.stderr
+
+    events = docker_client.events(
+        since=began, until=int(time.time()) + 1, decode=True,
+        filters={"type": "container", "event": "create", "label": f"workerhost.host_id={host}"},
+    )  # fmt: skip
+    assert len(list(events)) == 1
+
+
+@pytest.mark.docker
+def test_serve_warns_at_start_about_each_opt_in(tmp_path: Path, behave_image: str) -> None:
+    port = free_port()
+    config = tmp_path / "opted.toml"
+    workers = OPTED_IN.replace("workerhost/python:3.11", behave_image)
+    config.write_text(config_text(new_host_id(), port, tmp_path / "q.db", behave_image, workers=workers))
+    host = Serve(config, port, tmp_path / "serve.log")
+    try:
+        host.start()
+        log = said(host.log.read_text())
+    finally:
+        host.stop()
+
+    warnings = [line for line in log.splitlines() if "opted in to" in line]
+    assert len(warnings) == 3, log
+    assert warnings[0].startswith('worker Net: opted in to "host-network" (network = "host"): the worker reaches ')
+    assert "this host's API included" in warnings[0]
+    assert warnings[1].startswith('worker Net: opted in to "root" (user = "0:0"): ')
+    assert warnings[2].startswith('worker Sidecar: opted in to "container-network" (network = "container:proxy")')
+    levels = [json.loads(line)["level"] for line in host.log.read_text().splitlines() if "opted in to" in line]
+    assert levels == ["warning"] * 3

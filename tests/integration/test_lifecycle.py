@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -178,29 +179,36 @@ def _exists(fd: str) -> bool:
     return os.path.exists(f"/proc/self/fd/{fd}")
 
 
-def test_an_attempt_the_host_cannot_run_ends_at_once_with_its_reason(serve: ServeFactory, tmp_path: Path) -> None:
-    # A lone surrogate in params (a row stored before submit refused them) cannot be written to the
-    # container's stdin as UTF-8: the runner raises while the task runs.
+def test_a_stored_task_no_worker_could_be_given_ends_at_once_with_its_reason(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
+    # A lone surrogate in params (a row an older version stored, before submit refused them) cannot
+    # be written to a container's stdin: the claim fails it for good, instead of a task that breaks
+    # at every attempt until its lease gives up on it.
     queue = EmbeddedQueue(tmp_path / "queue.db", owner="pytest:0:reader")
     try:
-        task_id = queue.submit("Test.Behave", {"a": "\ud800"}, max_attempts=3)[0]["id"]
+        task_id = queue.submit("Test.Behave", {"a": "placeholder"}, max_attempts=3)[0]["id"]
+        with sqlite3.connect(tmp_path / "queue.db") as db:
+            db.execute("UPDATE tasks SET params = ? WHERE id = ?", ('{"a": "\\ud800"}', task_id))
         host = serve()
         fine = host.submit("Test.Behave", do="ok")["id"]
         wait_until(
             lambda: (queue.get(task_id) or {}).get("status") in ("failed", "dead", "completed"), 30,
-            "the attempt's outcome", host.log,
+            "the task's end", host.log,
         )  # fmt: skip
         failed = queue.get(task_id)
     finally:
         asyncio.run(queue.close())
     assert failed is not None and failed["status"] == "failed"
-    assert failed["attempts"] == 1  # permanent: not retried, not left to a lease
-    assert failed["error"]["type"] == "HostError"
-    assert "UnicodeEncodeError" in failed["error"]["message"]
+    assert failed["attempts"] == 1  # not retried, not left to a lease
+    assert failed["error"]["type"] == "InvalidParams"
+    assert "lone surrogate" in failed["error"]["message"]
     assert host.wait_for(fine, ("completed",))["status"] == "completed"
+    shown = host.http.get(f"/tasks/{task_id}")
+    assert shown.status_code == 200 and shown.json()["unreadable"]["params"].startswith("params.a: a lone surrogate")
     families = {f.name: f for f in text_string_to_metric_families(host.http.get("/metrics").text)}
     in_flight = [s.value for s in families["workerhost_tasks_in_flight"].samples]
-    assert in_flight and all(v == 0 for v in in_flight)  # every attempt that started also finished
+    assert all(v == 0 for v in in_flight)
 
 
 def test_a_task_keeps_the_max_attempts_it_was_submitted_with(

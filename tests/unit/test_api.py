@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -616,3 +617,252 @@ def test_health_reads_and_changes_nothing(env: Env) -> None:
     assert body["status"] == "degraded"
     assert env.host.engine_error is None  # what the janitor last saw stays as it was
     assert seen == []  # no engine_down from a read
+
+
+# -- only what reads back as JSON: refused at submit, shown safely when stored before -------------
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (json.dumps({"type": ECHO, "params": _nested(255)}).encode(), "params.a.a"),
+        (b'{"type": "T.Echo", "params": {"a": "\\ud800"}}', "params.a: a lone surrogate"),
+        (b'{"type": "T.Echo", "params": {"a": "\xed\xa0\x80"}}', "params.a: a lone surrogate"),
+        (b'{"type": "T.Echo", "params": {"\\udfff": 1}}', "params: a key a lone surrogate"),
+        (b'{"type": "T.Echo", "params": {"a": [1, Infinity]}}', "params.a[1]"),
+        (b'{"type": "T.Echo", "correlation_id": "a\\u0000b"}', "correlation_id"),
+        (b'{"type": "T.Echo", "correlation_id": "has space"}', "correlation_id"),
+        (b'{"type": "T.Echo", "traceparent": "00-abc-def-01"}', "traceparent"),
+        (json.dumps({"type": ECHO, "traceparent": "x" * 8192}).encode(), "traceparent"),
+        (b'{"type": "T.Echo", "priority": true}', "priority"),
+        (b'{"type": "T.Echo", "priority": "5"}', "priority"),
+    ],
+    ids=[
+        "nested-255", "surrogate-escaped", "surrogate-raw-bytes", "surrogate-key", "infinity",
+        "correlation-nul", "correlation-space", "traceparent-malformed", "traceparent-8k",
+        "priority-bool", "priority-string",
+    ],
+)  # fmt: skip
+def test_what_would_not_read_back_is_refused_with_its_path_and_stores_nothing(env: Env, body: bytes, says: str) -> None:
+    response = env.client.post("/tasks", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert says in error_of(response)
+    assert env.total() == 0
+
+
+def test_a_traceparent_header_that_is_not_w3c_is_ignored_not_stored(env: Env) -> None:
+    response = env.client.post("/tasks", json={"type": ECHO}, headers={"traceparent": "x" * 8192})
+    assert response.status_code == 201
+    claimed = env.queue.claim_now([ECHO])
+    assert claimed is not None and claimed.traceparent is None  # the trace starts at the host
+
+
+def test_a_body_sent_without_a_json_content_type_is_read_as_json(env: Env) -> None:
+    # What `curl host/tasks -d '{...}'` sends: application/x-www-form-urlencoded.
+    body = b'{"type": "T.Echo", "params": {"text": "hi"}}'
+    response = env.client.post("/tasks", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 201, response.text
+    assert response.json()["params"] == {"text": "hi"}
+    broken = env.client.post("/tasks", content=b"{", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert broken.status_code == 400
+    assert "not valid JSON" in error_of(broken)
+
+
+@pytest.mark.parametrize("other", [{"a": True}, {"a": 1.0}, {"a": "1"}])
+def test_an_idempotency_key_compares_params_as_json_text(env: Env, other: dict[str, Any]) -> None:
+    first = env.client.post("/tasks", json={"type": ECHO, "params": {"a": 1}, "idempotency_key": "k"})
+    assert first.status_code == 201
+    again = env.client.post("/tasks", json={"type": ECHO, "params": {"a": 1}, "idempotency_key": "k"})
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    conflict = env.client.post("/tasks", json={"type": ECHO, "params": other, "idempotency_key": "k"})
+    assert conflict.status_code == 409, conflict.text
+
+
+def _store_raw(env: Env, params: str, result: str | None = None, error_message: str | None = None) -> str:
+    """A row as an older version could have stored it, written straight into the file."""
+    task, _ = env.queue.submit(ECHO, {}, max_attempts=1)
+    with sqlite3.connect(env.queue.path) as db:
+        db.execute(
+            "UPDATE tasks SET params = ?, result = ?, status = ?, error_type = ?, error_message = ? WHERE id = ?",
+            (params, result, "completed" if result else "pending", "E" if error_message else None, error_message,
+             task["id"]),
+        )  # fmt: skip
+    return str(task["id"])
+
+
+@pytest.mark.parametrize(
+    ("params", "result", "unreadable"),
+    [
+        ('{"a": "\\ud800"}', None, {"params"}),
+        ("[" * 300 + "]" * 300, None, {"params"}),
+        ('{"x": NaN}', '{"deep": ' + "[" * 100_000 + "]" * 100_000 + "}", {"params", "result"}),
+        ("{}", '{"n": Infinity}', {"result"}),
+    ],
+    ids=["surrogate", "nested-300", "nan-and-a-bomb", "infinity-result"],
+)
+def test_reading_never_fails_on_a_row_an_older_version_stored(
+    env: Env, params: str, result: str | None, unreadable: set[str]
+) -> None:
+    task_id = _store_raw(env, params, result)
+
+    one = env.client.get(f"/tasks/{task_id}")
+    listed = env.client.get("/tasks", params={"full": "true"})
+    summaries = env.client.get("/tasks")
+
+    for response in (one, listed, summaries):
+        assert response.status_code == 200, response.text
+        json.loads(response.content, parse_constant=_no_constants)  # strict JSON: no NaN, no Infinity
+    body = one.json()
+    assert set(body["unreadable"]) == unreadable
+    assert all(body[field] is None for field in unreadable)
+    assert [t["id"] for t in listed.json()] == [task_id]
+
+
+def test_a_claim_of_a_stored_row_no_worker_could_be_given_fails_it_for_good(env: Env) -> None:
+    task_id = _store_raw(env, '{"a": "\\ud800"}')
+    assert env.queue.claim_now([ECHO]) is None
+    failed = env.client.get(f"/tasks/{task_id}").json()
+    assert failed["status"] == "failed"
+    assert failed["error"]["type"] == "InvalidParams"
+    assert "lone surrogate" in failed["error"]["message"]
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"{name} is not JSON")
+
+
+# -- memory: summaries, bounded pages, delete ------------------------------------------------
+
+
+def test_lists_are_summaries_unless_asked_for_more(env: Env) -> None:
+    task_id = env.submit(params={"text": "x" * 1000})["id"]
+    [summary] = env.client.get("/tasks").json()
+    assert summary["id"] == task_id and "params" not in summary and "result" not in summary
+    [full] = env.client.get("/tasks", params={"full": "true"}).json()
+    assert full["params"] == {"text": "x" * 1000}
+
+
+def test_a_full_list_carries_whole_tasks_up_to_its_budget_and_summaries_after(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("runner.api.LIST_BUDGET", 2500)
+    ids = [env.submit(params={"text": str(i) * 1000})["id"] for i in range(4)]
+    response = env.client.get("/tasks", params={"full": "true"})
+    assert response.status_code == 200
+    listed = response.json()
+    assert [t["id"] for t in listed] == ids[::-1]  # newest first, all of them
+    assert [("params" in t, "omitted" in t) for t in listed] == [(True, False)] * 2 + [(False, True)] * 2
+    assert "X-Workerhost-Omitted" in response.headers
+    first_two = env.client.get("/tasks", params={"full": "true", "limit": 2})
+    assert "X-Workerhost-Omitted" not in first_two.headers
+
+
+def test_delete_removes_a_task_that_is_not_running(env: Env) -> None:
+    pending = env.submit()["id"]
+    assert env.client.delete(f"/tasks/{pending}").status_code == 204
+    assert env.client.get(f"/tasks/{pending}").status_code == 404
+    assert env.client.delete(f"/tasks/{pending}").status_code == 404
+    running = env.submit()["id"]
+    assert env.queue.claim_now([ECHO]) is not None
+    refused = env.client.delete(f"/tasks/{running}")
+    assert refused.status_code == 409 and "running" in error_of(refused)
+    assert env.client.get(f"/tasks/{running}").json()["status"] == "running"
+
+
+# -- the contract ------------------------------------------------------------------------------
+
+
+def test_an_empty_filter_means_any(env: Env) -> None:
+    env.submit()
+    response = env.client.get("/tasks", params={"status": "", "type": ""})
+    assert response.status_code == 200 and len(response.json()) == 1
+
+
+def test_a_wrong_method_says_which_are_allowed(env: Env) -> None:
+    response = env.client.put("/tasks")
+    assert response.status_code == 405
+    assert set(response.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "POST"}
+    assert error_of(response)
+
+
+def test_a_bug_is_answered_as_json_500(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(task_id: str) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(env.queue, "get", broken)
+    with TestClient(env.client.app, raise_server_exceptions=False) as client:
+        response = client.get("/tasks/x")
+    assert response.status_code == 500
+    assert "RuntimeError" in error_of(response)
+
+
+def test_the_openapi_description_lists_what_each_route_answers(env: Env) -> None:
+    paths = env.client.get("/openapi.json").json()["paths"]
+    assert {"200", "201", "400", "409", "413", "422", "503"} <= set(paths["/tasks"]["post"]["responses"])
+    assert {"200", "404", "503"} <= set(paths["/tasks/{task_id}"]["get"]["responses"])
+    assert {"204", "404", "409"} <= set(paths["/tasks/{task_id}"]["delete"]["responses"])
+    assert {"200", "404", "409"} <= set(paths["/tasks/{task_id}/retry"]["post"]["responses"])
+
+
+# -- params_schema ----------------------------------------------------------------------------
+
+
+SCHEMA_CONFIG = CONFIG.replace(
+    'task_types = ["T.Stats"]',
+    'task_types = ["T.Stats"]\n'
+    'params_schema = { type = "object", required = ["text"], additionalProperties = false, '
+    'properties = { text = { type = "string", maxLength = 10 } } }',
+)
+
+
+@pytest.fixture
+def schema_env(tmp_path: Path) -> Iterator[Env]:
+    config = loads(SCHEMA_CONFIG.replace("{path}", str(tmp_path / "q.db")), source="test.toml", environ={})
+    queue = EmbeddedQueue(path=tmp_path / "q.db", owner=OWNER)
+    runner = FakeRunner()
+    host = Host(config, queue, runner, owner=OWNER)
+    host.alive = True
+    with TestClient(create_app(host, Metrics(), queue)) as client:
+        yield Env(client, queue, host, runner)
+    asyncio.run(queue.close())
+
+
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        ({}, "'text' is a required property"),
+        ({"text": 5}, "params.text: 5 is not of type 'string'"),
+        ({"text": "x" * 11}, "params.text"),
+        ({"text": "ok", "colour": "red"}, "colour"),
+    ],
+    ids=["missing", "wrong-type", "too-long", "extra"],
+)
+def test_params_that_break_the_workers_schema_are_refused_naming_the_path_and_rule(
+    schema_env: Env, params: dict[str, Any], says: str
+) -> None:
+    response = schema_env.client.post("/tasks", json={"type": STATS, "params": params})
+    assert response.status_code == 422, response.text
+    assert says in error_of(response)
+    assert response.json()["details"]
+    assert schema_env.total() == 0
+
+
+def test_params_that_fit_the_schema_are_stored(schema_env: Env) -> None:
+    assert schema_env.client.post("/tasks", json={"type": STATS, "params": {"text": "hi"}}).status_code == 201
+    assert schema_env.client.post("/tasks", json={"type": ECHO, "params": {"any": 1}}).status_code == 201
+
+
+def test_the_openapi_shows_each_types_params_schema(schema_env: Env) -> None:
+    task_in = schema_env.client.get("/openapi.json").json()["components"]["schemas"]["TaskIn"]
+    variants = {v["properties"]["type"]["const"]: v["properties"]["params"] for v in task_in["oneOf"]}
+    assert set(variants) == {ECHO, UPPER, STATS}
+    assert variants[STATS]["required"] == ["text"]
+    assert variants[STATS]["properties"]["text"] == {"type": "string", "maxLength": 10}
+    assert variants[ECHO]["type"] == "object" and "required" not in variants[ECHO]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -180,7 +182,8 @@ def test_parse_duration_directly() -> None:
     assert config.parse_duration("1h") == 3600.0
     assert config.parse_duration("500ms") == 0.5
     assert config.parse_duration(3) == 3.0
-    for bad in ("10x", 0, "0s", -1, True, "", None, "1d"):
+    assert config.parse_duration("7d") == 7 * 86400.0  # a retention
+    for bad in ("10x", 0, "0s", -1, True, "", None, "1w"):
         with pytest.raises(ValueError):
             config.parse_duration(bad)
 
@@ -470,6 +473,29 @@ def test_shipped_config_loads() -> None:
     assert cfg.task_manager.type == "embedded"
 
 
+def test_the_shipped_echo_worker_declares_its_params_and_the_examples_follow_it() -> None:
+    echo = load(SHIPPED, environ={}).worker_for("PrismQ.Example.Echo")
+    assert echo is not None
+    assert echo.params_problems({}) == ["params: 'text' is a required property (rule: required)"]
+    readme = (SHIPPED.parent / "README.md").read_text(encoding="utf-8")
+    demo = (SHIPPED.parent / "scripts" / "demo.sh").read_text(encoding="utf-8")
+    examples = re.findall(r"PrismQ\.Example\.Echo'? '(\{.*?\})'", demo) + re.findall(
+        r'"PrismQ\.Example\.Echo", "params": (\{.*?\})\}', readme
+    )
+    examples += re.findall(r"run PrismQ\.Example\.Echo '(\{.*?\})'", readme)
+    assert len(examples) >= 4, examples
+    for example in examples:
+        assert echo.params_problems(json.loads(example)) == [], example
+
+
+def test_every_toml_example_in_the_readme_is_a_valid_config() -> None:
+    readme = (SHIPPED.parent / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.DOTALL)
+    assert len(blocks) >= 4
+    for block in blocks:
+        loads(block, source="README.md", environ={"PRISMQ_API_KEY": "key"})
+
+
 def test_shipped_config_takes_variables() -> None:
     cfg = load(SHIPPED, environ={"WORKERHOST_HTTP": "0.0.0.0:9999", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel:4317"})
     assert cfg.host.http == "0.0.0.0:9999"
@@ -534,8 +560,24 @@ def test_a_strict_worker_gets_gvisor_a_small_tmp_and_no_network() -> None:
 
 
 def test_a_strict_worker_keeps_what_it_names() -> None:
-    worker = _load(STRICT + 'tmpfs = "32m"\nruntime = "runsc-kvm"\n', {}).workers[0]
-    assert (worker.tmpfs, worker.runtime) == (32 * 1024**2, "runsc-kvm")
+    worker = _load(STRICT + 'tmpfs = "32m"\nruntime = "runsc"\n', {}).workers[0]
+    assert (worker.tmpfs, worker.runtime) == (32 * 1024**2, "runsc")
+
+
+@pytest.mark.parametrize("runtime", ["runc", "runsc-kvm", "kata"])
+def test_strict_always_means_gvisor(runtime: str) -> None:
+    line = _only_problem(STRICT + f'runtime = "{runtime}"\n')
+    assert line.startswith("test.toml: workers[0] (untrusted): ")
+    assert f'runtime = "{runtime}" with sandbox = "strict"' in line
+    assert 'strict always runs under gVisor (runtime "runsc")' in line
+
+
+def test_strict_mistakes_are_reported_together() -> None:
+    problems = _problems(STRICT + 'runtime = "runc"\nnetwork = "bridge"\ntimeout = 600\n')
+    assert len(problems) == 3, problems
+    joined = "\n".join(problems)
+    for fragment in ('runtime = "runc"', 'network = "bridge"', "timeout = 600s"):
+        assert fragment in joined
 
 
 @pytest.mark.parametrize(
@@ -554,3 +596,270 @@ def test_strict_mistakes_say_why(extra: str, says: str) -> None:
     (line,) = caught.value.problems
     assert line.startswith("test.toml: workers[0] (untrusted)")
     assert says in line
+
+
+# -- opt-ins: the host's network, another container's network, root -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "field", "value", "opt_in"),
+    [
+        ('network = "host"', "network", "host", "host-network"),
+        ('network = "container:db"', "network", "container:db", "container-network"),
+        ('user = "0"', "user", "0", "root"),
+        ('user = "0:0"', "user", "0:0", "root"),
+        ('user = "00:1000"', "user", "00:1000", "root"),
+        ('user = "root"', "user", "root", "root"),
+        ('user = "root:root"', "user", "root:root", "root"),
+        ('user = ""', "user", "", "root"),
+        ('user = ":1000"', "user", ":1000", "root"),
+    ],
+)
+def test_a_dangerous_setting_needs_its_opt_in(setting: str, field: str, value: str, opt_in: str) -> None:
+    line = _only_problem(WORKER + setting + "\n")
+    assert line.startswith(f"test.toml: workers[0] (x).{field}: ")
+    assert "needs an explicit opt-in" in line
+    assert f'add allow = ["{opt_in}"] to this worker' in line
+    assert line.endswith(f"(got {value!r})")
+
+
+def test_the_opt_in_errors_say_what_each_gives_away() -> None:
+    problems = _problems(WORKER + 'network = "host"\nuser = ""\n')
+    assert len(problems) == 2, problems
+    network, user = sorted(problems)
+    assert "the host's network" in network and "this host's API included" in network
+    assert "the image's own user (usually root)" in user and "runs as root inside its container" in user
+
+
+@pytest.mark.parametrize(
+    ("setting", "allow"),
+    [
+        ('network = "host"', '["host-network"]'),
+        ('network = "container:db"', '["container-network"]'),
+        ('user = "0:0"', '["root"]'),
+        ('user = ""', '["root"]'),
+        ('network = "host"\nuser = "root"', '["root", "host-network"]'),
+    ],
+)
+def test_with_its_opt_in_a_dangerous_setting_loads_and_warns(setting: str, allow: str) -> None:
+    cfg = _load(WORKER + f"{setting}\nallow = {allow}\n")
+    warnings = config.opt_in_warnings(cfg)
+    opt_ins = [name for name in config.OPT_INS if f'"{name}"' in allow]
+    assert len(warnings) == len(opt_ins), warnings
+    for opt_in in opt_ins:
+        (line,) = [w for w in warnings if f'opted in to "{opt_in}"' in w]
+        assert line.startswith("worker x: ")
+        assert config.OPT_INS[opt_in] in line  # what it gives away
+
+
+def test_safe_settings_need_no_opt_in_and_warn_about_nothing() -> None:
+    for setting in ('network = "bridge"', 'network = "my-net_1.x"', 'user = "1000:0"', 'user = "10"', 'user = "app"'):
+        cfg = _load(WORKER + setting + "\n")
+        assert config.opt_in_warnings(cfg) == [], setting
+
+
+def test_an_opt_in_nothing_uses_is_a_warning() -> None:
+    cfg = _load(WORKER + 'allow = ["root"]\n')
+    (line,) = config.opt_in_warnings(cfg)
+    assert line.startswith('worker x: allows "root" but no setting uses it; remove it')
+
+
+def test_an_unknown_opt_in_lists_the_known_ones() -> None:
+    line = _only_problem(WORKER + 'network = "host"\nallow = ["host-network", "hostnet"]\n')
+    assert line.startswith("test.toml: workers[0] (x).allow: unknown opt-in 'hostnet'; ")
+    assert 'the known ones are "host-network", "container-network", "root"' in line
+
+
+def test_one_workers_opt_in_is_not_anothers() -> None:
+    text = _worker("a", '["T.A"]', 'network = "host"\nallow = ["host-network"]') + _worker(
+        "b", '["T.B"]', 'network = "host"'
+    )
+    line = _only_problem(text)
+    assert line.startswith("test.toml: workers[1] (b).network: ")
+
+
+def test_a_worker_built_directly_follows_the_same_rules() -> None:
+    with pytest.raises(ValueError, match="needs an explicit opt-in"):
+        WorkerConfig(name="w", image="i", task_types=["T"], user="0")
+    worker = WorkerConfig(name="w", image="i", task_types=["T"], user="0", allow=["root"])
+    assert worker.warnings() == [f'worker w: opted in to "root" (user = "0"): {config.OPT_INS["root"]}']
+
+
+# -- names: image, runtime, network; NUL bytes ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "i",
+        "img:latest",
+        "workerhost/python:3.11",
+        "docker.io/library/python:3.11-slim",
+        "localhost:5000/team/app:v1.2_rc-3",
+        "registry.example.com/a__b/c--d.e:" + "t" * 128,
+        "app@sha256:" + "0a" * 32,
+        "app:1@sha256:" + "0a" * 32,
+    ],
+)
+def test_valid_image_references(image: str) -> None:
+    assert _load(WORKER.replace("img:latest", image)).workers[0].image == image
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "--privileged",
+        "-img",
+        "Img:latest",
+        "img:latest --privileged",
+        "img:",
+        "img:-tag",
+        "img:" + "t" * 129,
+        "img@sha256:abc",
+        "img@md5:" + "0" * 32,
+        "a___b",
+        "img/",
+        "img:lätest",
+    ],
+)
+def test_an_image_that_is_not_a_reference_is_refused(image: str) -> None:
+    line = _only_problem(WORKER.replace('"img:latest"', json.dumps(image)))
+    assert line.startswith("test.toml: workers[0] (x).image: expected a Docker image reference")
+    assert line.endswith(f"(got {image!r})")
+
+
+@pytest.mark.parametrize("runtime", ["--privileged", "run c", "", "runc;rm", "-runc"])
+def test_a_runtime_must_be_a_name(runtime: str) -> None:
+    line = _only_problem(WORKER + f"runtime = {json.dumps(runtime)}\n")
+    assert line.startswith("test.toml: workers[0] (x).runtime: expected the name of a runtime")
+    assert line.endswith(f"(got {runtime!r})")
+
+
+@pytest.mark.parametrize("network", ["--net=host", "container:", "my net", "bridge\n"])
+def test_a_network_must_be_a_name(network: str) -> None:
+    line = _only_problem(WORKER + f"network = {json.dumps(network)}\n")
+    assert line.startswith("test.toml: workers[0] (x).network: expected ")
+    assert line.endswith(f"(got {network!r})")
+
+
+def test_nul_bytes_and_equals_signs_where_they_cannot_go() -> None:
+    problems = _problems(WORKER + 'command = ["sh", "-c\\u0000x"]\nenv = { "A=B" = "1" }\n')
+    assert len(problems) == 2, problems
+    assert any(p.startswith("test.toml: workers[0] (x).command: a command entry holds a NUL byte") for p in problems)
+    assert any(p.startswith("test.toml: workers[0] (x).env: the variable name 'A=B'") for p in problems)
+    line = _only_problem(WORKER + 'env = { TOKEN = "s3cret\\u0000" }\n')
+    assert line.startswith("test.toml: workers[0] (x).env: the value of TOKEN holds a NUL byte")
+    assert "s3cret" not in line  # a value may be a secret: it is not echoed
+
+
+# -- params_schema --------------------------------------------------------------------------------
+
+ECHO_SCHEMA = 'params_schema = { type = "object", required = ["text"], properties = { text = { type = "string" } } }\n'
+
+
+def test_an_inline_schema_checks_params() -> None:
+    (worker,) = _load(WORKER + ECHO_SCHEMA).workers
+    assert worker.params_schema == {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}
+    assert worker.params_problems({"text": "hi"}) == []
+    assert worker.params_problems({}) == ["params: 'text' is a required property (rule: required)"]
+    assert worker.params_problems({"text": 5}) == [
+        "params.text: 5 is not of type 'string' (rule: properties.text.type)"
+    ]
+
+
+def test_without_a_schema_any_params_pass() -> None:
+    (worker,) = _load(WORKER).workers
+    assert worker.params_schema is None
+    assert worker.params_problems({"anything": [1, {"goes": None}]}) == []
+
+
+def test_a_schema_file_is_read_next_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "schemas").mkdir()
+    schema = {"type": "object", "properties": {"items": {"type": "array", "items": {"type": "integer"}}}}
+    (tmp_path / "schemas" / "list.json").write_text(json.dumps(schema), encoding="utf-8")
+    path = tmp_path / "w.toml"
+    path.write_text(WORKER + 'params_schema = "schemas/list.json"\n', encoding="utf-8")
+
+    (worker,) = load(path, environ={}).workers
+    assert worker.params_schema == schema
+    assert worker.params_problems({"items": [1, 2, "three"], "weird key": {}}) == [
+        "params.items[2]: 'three' is not of type 'integer' (rule: properties.items.items.type)"
+    ]
+
+
+def test_a_schema_file_that_cannot_be_read_names_the_worker_and_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "w.toml"
+    path.write_text(WORKER + 'params_schema = "schemas/missing.json"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    (line,) = info.value.problems
+    assert line.startswith(f"{path}: workers[0] (x).params_schema: cannot read the schema file ")
+    assert str(tmp_path / "schemas" / "missing.json") in line
+    assert "No such file" in line
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [("{not json", "is not JSON"), ("[1, 2]", "holds a list, not a JSON Schema object"),
+     ('{"type": "strnig"}', "is not a valid JSON Schema (Draft 2020-12): at type: ")],
+)  # fmt: skip
+def test_a_schema_file_that_is_not_a_schema_names_the_file(tmp_path: Path, content: str, says: str) -> None:
+    (tmp_path / "bad.json").write_text(content, encoding="utf-8")
+    path = tmp_path / "w.toml"
+    path.write_text(WORKER + 'params_schema = "bad.json"\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load(path, environ={})
+    (line,) = info.value.problems
+    assert line.startswith(f"{path}: workers[0] (x).params_schema: ")
+    assert str(tmp_path / "bad.json") in line
+    assert says in line
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [('{ type = "strnig" }', "at type: 'strnig' is not valid"),
+     ('{ properties = { text = { pattern = "(" } } }', "at properties.text.pattern: '(' is not a 'regex'"),
+     ('{ required = "text" }', "at required: 'text' is not of type 'array'"), ("5", "expected a JSON Schema")],
+)  # fmt: skip
+def test_an_invalid_inline_schema_is_a_config_error(schema: str, says: str) -> None:
+    line = _only_problem(WORKER + f"params_schema = {schema}\n")
+    assert line.startswith("test.toml: workers[0] (x).params_schema: ")
+    assert says in line
+
+
+def test_params_problems_name_each_path_and_stop_at_20() -> None:
+    schema = (
+        'params_schema = { type = "object", additionalProperties = false, properties = { '
+        'tags = { type = "array", items = { type = "string", maxLength = 3 } }, '
+        '"odd key" = { type = "object", properties = { n = { minimum = 0 } } } } }\n'
+    )
+    (worker,) = _load(WORKER + schema).workers
+    problems = worker.params_problems({"tags": ["ok", "toolong", 7], "odd key": {"n": -1}, "extra": 1})
+    assert sorted(problems) == sorted([
+        "params.tags[1]: 'toolong' is too long (rule: properties.tags.items.maxLength)",
+        "params.tags[2]: 7 is not of type 'string' (rule: properties.tags.items.type)",
+        'params["odd key"].n: -1 is less than the minimum of 0 (rule: properties.odd key.properties.n.minimum)',
+        "params: Additional properties are not allowed ('extra' was unexpected) (rule: additionalProperties)",
+    ])  # fmt: skip
+
+    many = worker.params_problems({"tags": list(range(100))})
+    assert len(many) == config.MAX_PARAMS_PROBLEMS == 20
+    assert many[:19] == [f"params.tags[{i}]: {i} is not of type 'string' (rule: properties.tags.items.type)"
+                         for i in range(19)]  # fmt: skip
+    assert many[19] == "... and more (the first 19 are shown)"
+
+
+def test_a_huge_value_is_quoted_short() -> None:
+    (worker,) = _load(WORKER + ECHO_SCHEMA).workers
+    (line,) = worker.params_problems({"text": ["x" * 100_000]})
+    assert len(line) < 400
+    assert line.startswith("params.text: ")
+
+
+def test_a_schema_that_cannot_be_applied_refuses_instead_of_raising() -> None:
+    remote = 'params_schema = { properties = { a = { "$ref" = "https://example.com/a.json" } } }\n'
+    (worker,) = _load(WORKER + remote).workers
+    (line,) = worker.params_problems({"a": 1})
+    assert line.startswith("params: the worker's params_schema cannot be applied: ")
+    assert "https://example.com/a.json" in line
+    assert worker.params_problems({}) == []  # the reference is not followed where nothing uses it

@@ -644,3 +644,27 @@ def test_processes_sharing_one_file_never_claim_the_same_task(queue: EmbeddedQue
     assert {t["attempts"] for t in done} == {1}
     claimer = {task_id: owner for owner, ids in reports.items() for task_id in ids}
     assert all(t["worker"] == claimer[t["id"]] for t in done), "each task was completed by its claimer"
+
+
+# -- retention ---------------------------------------------------------------------------------
+
+
+def test_finished_tasks_are_pruned_after_the_retention_and_nothing_else(path: Path, clock: Clock) -> None:
+    queue = EmbeddedQueue(path=path, owner=OWNER, retention=3600)
+    try:
+        done, failed, running, pending = (submit(queue) for _ in range(4))
+        for task_id, outcome in ((done, Outcome(Status.COMPLETED, result=1)),
+                                 (failed, Outcome(Status.FAILED, error=ErrorInfo("E", "x")))):  # fmt: skip
+            claimed = claim(queue, ECHO)
+            assert claimed.id == task_id
+            run(queue.complete(claimed, Finished(outcome, "w")) if outcome.ok else queue.fail(
+                claimed, Finished(outcome, "w"), None))  # fmt: skip
+        assert claim(queue, ECHO).id == running  # and the last stays pending
+        clock.advance(3599)
+        assert run(queue.prune()) == 0  # not yet
+        clock.advance(2)
+        assert run(queue.prune()) == 2
+        assert queue.get(done) is None and queue.get(failed) is None
+        assert [queue.get(t)["status"] for t in (running, pending)] == ["running", "pending"]  # type: ignore[index]
+    finally:
+        run(queue.close())

@@ -99,6 +99,53 @@ def test_start_registers_missing_types_when_asked_to(server: PrismQServer) -> No
     ]
 
 
+def test_a_type_is_registered_with_its_workers_params_schema(server: PrismQServer) -> None:
+    text = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}
+    workers = [
+        WorkerConfig(name="new", image="i", task_types=["PrismQ.New", ECHO], params_schema=text),
+        WorkerConfig(name="loose", image="i", task_types=["PrismQ.Loose"], params_schema={"required": ["n"]}),
+        WorkerConfig(name="plain", image="i", task_types=["PrismQ.Plain"]),
+    ]
+    schemas = http_source.param_schemas(workers)
+    assert schemas == {"PrismQ.New": text, ECHO: text, "PrismQ.Loose": {"required": ["n"]}}
+
+    async def scenario() -> None:
+        names = [ECHO, "PrismQ.New", "PrismQ.Loose", "PrismQ.Plain"]
+        tasks = HttpTaskSource(config(server.url, register_task_types=True), HOST, names, schemas=schemas)
+        await tasks.start()
+        await tasks.close()
+
+    run(scenario())
+    registered = {r.body["name"]: r.body["param_schema"] for r in server.calls("POST", "/task-types/register")}
+    assert registered == {
+        "PrismQ.New": text,
+        # The server refuses a schema without a top-level "type": params are objects.
+        "PrismQ.Loose": {"type": "object", "required": ["n"]},
+        "PrismQ.Plain": {"type": "object"},
+    }  # ECHO was known to the server already: not registered again
+
+
+def test_serve_registers_the_schemas_of_its_config(server: PrismQServer) -> None:
+    from runner.config import loads
+    from runner.serve import open_source
+
+    cfg = loads(
+        f'[task_manager]\ntype = "http"\nurl = "{server.url}"\napi_key = "{API_KEY}"\nregister_task_types = true\n'
+        '[[workers]]\nname = "w"\nimage = "i"\ntask_types = ["PrismQ.Schema"]\n'
+        'params_schema = { type = "object", properties = { n = { type = "integer" } } }\n',
+        environ={},
+    )
+
+    async def scenario() -> None:
+        source, _ = open_source(cfg, "owner")
+        await source.start()
+        await source.close()
+
+    run(scenario())
+    (registered,) = server.calls("POST", "/task-types/register")
+    assert registered.body["param_schema"] == {"type": "object", "properties": {"n": {"type": "integer"}}}
+
+
 def test_claim_resolves_types_when_start_was_not_called(server: PrismQServer) -> None:
     task_id = server.create_task(ECHO, {"text": "hi"})
 

@@ -139,6 +139,13 @@ def main():
             stream.write(chunk)
         stream.flush()
         ok({})
+    elif do == "stderr":  # these exact bytes on stderr (hex: control characters, invalid UTF-8)
+        data = bytes.fromhex(params["hex"])
+        while data:
+            data = data[os.write(2, data) :]
+        if "code" in params:  # and then fail with this exit code, saying nothing on stdout
+            sys.exit(int(params["code"]))
+        ok({"written": len(bytes.fromhex(params["hex"]))})
     elif do == "echo_blob":
         ok({"blob": params["blob"], "length": len(params["blob"])})
     elif do == "blob":
