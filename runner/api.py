@@ -1,9 +1,12 @@
 """The HTTP face of ``workerhost serve``: submit and inspect tasks, health, workers, metrics.
 
 FastAPI validates requests with pydantic and serves the OpenAPI description
-at ``/openapi.json`` (and a browsable one at ``/docs``). Every error is a JSON
-object ``{"error": "...", "details": [...]?}`` with a 4xx status, and a
-request that is refused stores nothing.
+at ``/openapi.json`` (and a browsable one at ``/docs``), exact for this host:
+every status each route answers, the configured task types and their params
+schemas. Every error is a JSON object ``{"error": "...", "details": [...]?}``
+(a bug of ours too, as a 500), a request that is refused stores nothing, and
+only what reads back as JSON is stored (``runner.jsondata``). In front of the
+routes, ``runner.auth.Guard`` checks the Host, the Origin and the token.
 """
 
 from __future__ import annotations
