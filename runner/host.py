@@ -175,11 +175,12 @@ class Host:
                 if not isinstance(exc, SourceUnavailable):
                     log.exception("the task source failed to claim (a bug in its adapter); backing off")
                 self.services.health.down(str(exc) or type(exc).__name__)
-                await self._pause(backoff(failures, base=0.5, cap=30.0))
+                # At least as long as the source asked for (a 429's Retry-After), however few the failures.
+                wait = max(backoff(failures, base=0.5, cap=30.0), getattr(exc, "retry_after", None) or 0.0)
+                await self._pause(wait, wakeable=False)
                 continue
-            if failures:
-                failures = 0
-                self.services.health.up()
+            failures = 0
+            self.services.health.up()  # an event only when that changes (the first answer is one)
             if task is None:
                 if burst and not self.in_flight and not self._retries_pending():
                     return
@@ -205,10 +206,16 @@ class Host:
                 del self._retries[task_id]
         return bool(self._retries)
 
-    async def _pause(self, seconds: float) -> None:
-        """Sleep, but wake up for a stop, a freed slot or a submitted task."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+    async def _pause(self, seconds: float, wakeable: bool = True) -> None:
+        """Sleep, but wake up for a stop and, when ``wakeable``, for a freed slot or a submitted task
+        (not while a source that is down or asked us to wait gets its pause)."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            if wakeable:
+                return
+            self._wake.clear()
 
     def _start(self, task: ClaimedTask, claim_started: int) -> None:
         self._retries.pop(task.id, None)

@@ -52,15 +52,16 @@ class SourceHealth:
     def __init__(self, hooks: Hooks) -> None:
         self.hooks = hooks
         self.error: str | None = None
+        self._known = False  # until the first answer, neither up nor down: that answer is an event
 
     def down(self, error: str) -> None:
         if self.error is None:
             self.hooks.emit(events.SourceDown(error=error))
-        self.error = error
+        self.error, self._known = error, True
 
     def up(self) -> None:
-        if self.error is not None:
-            self.error = None
+        if self.error is not None or not self._known:
+            self.error, self._known = None, True
             self.hooks.emit(events.SourceUp())
 
 
@@ -123,9 +124,11 @@ class TaskRun:
         """Run the attempt and report it; returns its outcome (None when it was handed back or lost)."""
         source = self.services.source
         self._emit(events.TaskReceived, root=self.root, claim_started_ns=self.claim_started_ns)
-        result, outcome = await self._attempt()
-        self.result = result
+        # The lease is renewed while the container runs and while its outcome is being reported.
+        renewer = self._start_renewer()
         try:
+            result, outcome = await self._attempt()
+            self.result = result
             if result.cancelled:
                 if self.lease_lost is not None:
                     self._emit(events.LeaseLost, error=self.lease_lost)
@@ -141,6 +144,10 @@ class TaskRun:
             log.error("task %s: could not hand it back (%s); it runs again once its claim expires", self.task.id, exc)
             return None
         finally:
+            if renewer is not None:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
             await self._stop_side_tasks()
         return outcome
 
@@ -155,14 +162,7 @@ class TaskRun:
         result = RunResult(ContainerEnd(exit_code=None))
         outcome = _host_failure("the attempt was interrupted")
         try:
-            renewer = self._start_renewer()
-            try:
-                result = await loop.run_in_executor(self.services.executor, self._run, self._observer(loop))
-            finally:
-                if renewer is not None:
-                    renewer.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await renewer
+            result = await loop.run_in_executor(self.services.executor, self._run, self._observer(loop))
             outcome = classify(result.end)
         except Exception as exc:  # a bug of ours or of a driver: this attempt's outcome, never a lost task
             log.exception("task %s: the host failed while running this attempt", self.task.id)
@@ -222,26 +222,42 @@ class TaskRun:
             self._emit(events.TaskFailed, outcome=label, error=error)
 
     async def _settle(self, report: Callable[[], Awaitable[None]]) -> bool:
-        """Report to the source, shielded from cancellation, retried while the source is down.
+        """Report to the source, shielded from cancellation, retried while the source is down and the
+        claim can still be accepted.
 
-        Returns whether it landed. LeaseLost is raised; a report that never lands is
-        logged (the task runs again once its lease expires).
+        Returns whether it landed. LeaseLost is raised; a report that can no longer land is logged
+        (the task runs again once its claim expires).
         """
         health = self.services.health
-        for tries in range(1, self.services.report_tries + 1):
+        tries = 0
+        while True:
+            tries += 1
             try:
                 await asyncio.shield(report())
             except SourceUnavailable as exc:
                 health.down(str(exc))
-                if tries == self.services.report_tries:
-                    log.error("task %s: its outcome was not reported after %d tries (%s); it will run again "
-                              "once its lease expires", self.task.id, tries, exc)  # fmt: skip
+                wait = max(backoff(tries, base=0.5, cap=10.0), exc.retry_after or 0.0)
+                why_not = self._why_no_retry(tries, wait)
+                if why_not is not None:
+                    log.error("task %s: its outcome was not reported after %d tries (%s): %s; it will run again "
+                              "once its claim expires", self.task.id, tries, exc, why_not)  # fmt: skip
                     return False
-                await asyncio.sleep(backoff(tries, base=0.5, cap=10.0))
+                await asyncio.sleep(wait)
             else:
                 health.up()
                 return True
-        return False
+
+    def _why_no_retry(self, tries: int, wait: float) -> str | None:
+        """Why a report that failed ``tries`` times should not be tried again after ``wait``, or None."""
+        if self.lease_lost is not None:
+            return "the lease was lost meanwhile"
+        capabilities = self.services.source.capabilities
+        if capabilities.renew_every is not None:
+            return None  # the lease is renewed meanwhile: it holds as long as the source says so
+        if capabilities.claim_timeout is not None:
+            expires = self.task.claimed_at + capabilities.claim_timeout
+            return "the claim expires before the next try" if time.monotonic() + wait >= expires else None
+        return f"{tries} tries" if tries >= self.services.report_tries else None
 
     # -- side tasks: lease renewal, progress ------------------------------------------
 

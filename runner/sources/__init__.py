@@ -15,6 +15,7 @@ method does nothing (the base class's default), and the host does not call it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,15 @@ from runner.protocol import Outcome
 
 
 class SourceUnavailable(WorkerhostError):
-    """The source cannot be reached or answered with a fault; retry it with backoff."""
+    """The source cannot be reached or answered with a fault; retry it with backoff.
+
+    ``retry_after``, when the source said how long to wait (HTTP 429 and its Retry-After),
+    is the least the host waits before it calls again.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class LeaseLost(WorkerhostError):
@@ -50,6 +59,9 @@ class Capabilities:
     # Whether a claim says how many attempts the task may have (ClaimedTask.max_attempts),
     # so that the host knows the final attempt even where the source owns retries.
     knows_final_attempt: bool = False
+    # Seconds after its claim that a task's report is still accepted, for a source whose claims
+    # cannot be renewed (PrismQ's claim timeout): the host keeps trying a report until then.
+    claim_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,7 @@ class ClaimedTask:
     max_attempts: int | None = None
     # Whatever the backend needs to settle the task (a lease token, a delivery tag).
     receipt: Any = field(default=None, compare=False)
+    claimed_at: float = field(default_factory=time.monotonic, compare=False)  # when it was claimed (monotonic)
 
 
 @dataclass(frozen=True)

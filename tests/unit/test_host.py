@@ -102,10 +102,12 @@ class InMemorySource(TaskSource):
         retries_by_source: bool = False,
         renew_every: float | None = None,
         registry: bool = False,
+        claim_timeout: float | None = None,
     ) -> None:
         self.capabilities = Capabilities(
-            renew_every=renew_every, owns_retries=retries_by_source, progress=True, registry=registry
-        )
+            renew_every=renew_every, owns_retries=retries_by_source, progress=True, registry=registry,
+            claim_timeout=claim_timeout,
+        )  # fmt: skip
         self.heartbeat_every = 0.05
         self.registered: dict[str, Owner] = {}
         self.renew_error: BaseException | None = None  # raised by every renew()
@@ -743,7 +745,10 @@ def test_the_source_is_up_again_once_a_refused_report_lands() -> None:
     assert source.status("t-1") == "completed"
     assert recorder.names(None).count(events.SOURCE_DOWN) == 1
     assert host.source_error is None
-    assert [e.name for e in recorder.events if e.task_id is None] == [events.SOURCE_DOWN, events.SOURCE_UP]
+    # Up at its first answer, down when the report is refused, up again once it lands.
+    assert [e.name for e in recorder.events if e.task_id is None] == [
+        events.SOURCE_UP, events.SOURCE_DOWN, events.SOURCE_UP,
+    ]  # fmt: skip
 
 
 def test_a_lost_lease_on_complete_is_an_event_and_the_loop_goes_on() -> None:
@@ -1166,7 +1171,9 @@ def test_renewal_during_an_outage_marks_the_source_down_then_up(caplog: pytest.L
 
     drive(make_config(), source, runner, hooks=Hooks([recorder]), during=blink)
 
-    assert [e.name for e in recorder.events if e.task_id is None] == [events.SOURCE_DOWN, events.SOURCE_UP]
+    assert [e.name for e in recorder.events if e.task_id is None] == [
+        events.SOURCE_UP, events.SOURCE_DOWN, events.SOURCE_UP,
+    ]  # fmt: skip
     assert source.status("t-1") == "completed"
 
 
@@ -1362,3 +1369,87 @@ def test_a_source_that_retries_by_itself_and_names_the_attempt_limit_ends_the_ta
     assert recorder.names("last")[-1] == events.TASK_FAILED
     assert recorder.names("more")[-1] == events.TASK_RETURNED
     assert source.fails("last")[0].args[2] is None and source.fails("more")[0].args[2] is None
+
+
+def test_a_source_that_answers_is_up_from_its_first_answer() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    metrics = Metrics()
+
+    drive(make_config(), source, runner, hooks=Hooks([metrics]))
+
+    assert metrics.source_up._value.get() == 1  # not 0 while it answers (it had never been down)
+
+
+def test_a_source_that_asks_for_a_pause_gets_it_whatever_wakes_the_host() -> None:
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1")
+    asked: list[float] = []
+
+    async def claim(task_types: Collection[str]) -> ClaimedTask | None:
+        if not asked:
+            asked.append(time.monotonic())
+            raise SourceUnavailable("429 Too Many Requests: try again in 1 seconds", retry_after=1.0)
+        return await InMemorySource.claim(source, task_types)
+
+    source.claim = claim  # type: ignore[method-assign]
+
+    async def submit_meanwhile(host: Host) -> None:
+        await until(lambda: bool(asked), what="the 429")
+        for _ in range(5):  # submits wake the host; they must not cut the pause short
+            host.wake()
+            await asyncio.sleep(0.05)
+
+    drive(make_config(), source, runner, during=submit_meanwhile)
+
+    [run] = runner.runs
+    assert run.start - asked[0] >= 1.0  # a backoff alone would be 0.5-1 s
+    assert source.status("t-1") == "completed"
+
+
+def test_a_report_is_tried_again_while_the_claim_can_still_be_accepted(caplog: pytest.LogCaptureFixture) -> None:
+    # PrismQ's claims cannot be renewed but hold for claim_timeout: the report goes on past report_tries.
+    source, runner = InMemorySource(claim_timeout=60.0), FakeRunner()
+    source.add("t-1")
+    source.complete_outages["t-1"] = 3
+
+    def few_tries(host: Host) -> None:
+        host.services.report_tries = 2
+
+    drive(make_config(), source, runner, setup=few_tries)
+
+    assert len(source.completes("t-1")) == 4  # two more than report_tries
+    assert source.status("t-1") == "completed"
+    assert not [r for r in caplog.records if "was not reported" in r.getMessage()]
+
+
+def test_a_report_gives_up_when_the_claim_would_expire_before_the_next_try(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source, runner = InMemorySource(claim_timeout=1.5), FakeRunner()
+    source.add("t-1")
+    source.complete_outages["t-1"] = 1000
+
+    drive(make_config(), source, runner)
+
+    tries = source.completes("t-1")
+    assert 2 <= len(tries) <= 4  # 0.5-1 s, then 1-1.5 s: the claim is over by the third wait
+    assert tries[-1].at - source.named("claim")[0].at < 1.5
+    [logged] = [r for r in caplog.records if "was not reported" in r.getMessage()]
+    assert "the claim expires before the next try" in logged.getMessage()
+
+
+def test_a_renewable_lease_is_renewed_while_the_report_waits_for_the_source(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source, runner = InMemorySource(renew_every=0.05), FakeRunner()
+    source.add("t-1")
+    source.complete_outages["t-1"] = 3
+
+    def few_tries(host: Host) -> None:
+        host.services.report_tries = 1  # not what decides: the lease does
+
+    drive(make_config(), source, runner, setup=few_tries)
+
+    completes = source.completes("t-1")
+    assert len(completes) == 4 and source.status("t-1") == "completed"
+    assert [c for c in source.named("renew") if completes[0].at < c.at < completes[-1].at]  # renewed meanwhile
