@@ -227,7 +227,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         host = ServeProcess(Path(tmp), 1, TRIVIAL)
         try:
-            host.http.post("/tasks", json={"type": "Nope", "params": {}})  # warm the server up
+            host.http.get("/tasks", params={"limit": 1})  # warm the server up
             count = 500 if args.quick else 2000
             began = time.perf_counter()
             for i in range(count):
