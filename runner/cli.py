@@ -186,9 +186,11 @@ def _parser() -> argparse.ArgumentParser:
         help="turn a PrismQ WorkerHost config (venv workers) into worker images and a workerhost.toml",
         description="Read a PrismQ WorkerHost YAML config and, for each worker in it, write a Docker "
         "build context into DIR/workers/NAME: the project (without virtualenvs), a Dockerfile on "
-        "workerhost/python:3.11 or :2.7 (2.7 when venv_python or the project says Python 2) that "
-        "installs its requirements, and an entry script that calls module.function(params) through "
-        "the worker SDK. Then write DIR/workerhost.toml with the task manager and every converted "
+        "workerhost/python:3.11 or :2.7 (2.7 when venv_python, metadata.python_version or the project "
+        "says Python 2) that installs its requirements and metadata.dependencies, and an entry script "
+        "that calls module.function(params) through the worker SDK, or runs a function that takes no "
+        "parameters (the old template's main()) as it is. Then write DIR/workerhost.toml with the task "
+        "manager, the old settings workerhost has a key for (each one noted) and every converted "
         "worker, and print the docker build commands to run next. A worker with a mistake is "
         "reported (file, worker, field) and the others still convert. Exit code: 0 all converted, "
         "1 some workers failed, 2 the file cannot be read or has no workers list.",

@@ -1,11 +1,15 @@
 """``workerhost import-config``: PrismQ WorkerHost's venv workers become worker images.
 
-PrismQ WorkerHost ran each worker in its own virtualenv by calling
-``module.function(params)`` in a project folder. This module reads that
-host's YAML config and writes, for every worker it can convert, a Docker
-build context (the project, a Dockerfile on the matching base image, and an
-entry script that calls the function under protocol v1 through the SDK),
-plus one ``workerhost.toml`` for all of them.
+PrismQ WorkerHost ran each worker in its own virtualenv, as ``module.function``
+in a project folder: either a function of the params, or a ``main()`` that
+takes none and speaks the protocol itself (its worker template). This module
+reads that host's YAML config and writes, for every worker it can convert, a
+Docker build context (the project, a Dockerfile on the matching base image
+that pip-installs its requirements and ``metadata.dependencies``, and an
+entry script that runs the function under protocol v1), plus one
+``workerhost.toml`` for all of them, with the old host-wide settings that
+workerhost has a key for (``settings.py``). ``calling.py`` decides how the
+entry script calls each function.
 
 Each worker is checked on its own: a worker with a mistake is reported (the
 file, the worker, the field) and the rest still convert. ``plan.py`` reads and
@@ -26,6 +30,7 @@ from typing import TextIO
 
 from runner import config as config_module
 from runner.errors import ConfigError
+from runner.migrate.calling import Calling, detect_calling
 from runner.migrate.plan import (
     BASES,
     CERT,
@@ -33,6 +38,7 @@ from runner.migrate.plan import (
     DEFAULT_OUTPUT,
     ENTRY,
     MARKER,
+    PACKAGES,
     SKIP,
     Plan,
     Python,
@@ -40,6 +46,7 @@ from runner.migrate.plan import (
     detect_dependencies,
     detect_python,
     has_requirements,
+    one_line,
     plan,
     slug,
 )
@@ -47,12 +54,14 @@ from runner.migrate.render import render_config, render_dockerfile, render_entry
 
 __all__ = [
     "ENTRY",
+    "Calling",
     "Plan",
     "Python",
     "Result",
     "Worker",
     "convert",
     "copy_project",
+    "detect_calling",
     "detect_dependencies",
     "detect_python",
     "has_requirements",
@@ -111,9 +120,12 @@ def convert(plan: Plan, output: str | os.PathLike[str], ca_bundle: Path | None =
         if wrote_cert:
             certs.append(worker)
     if converted:
-        text = render_config(plan.source, plan.task_manager, converted, plan.task_manager_broken)
+        text = render_config(plan.source, plan.task_manager, converted, plan.task_manager_broken, plan.settings)
         config_path.write_text(text, encoding="utf-8")
-        config_module.load(config_path)  # what we write must load; a ConfigError here is our bug
+        # What we write must load; a ConfigError here is our bug. The variables the task manager
+        # reads (${TASKMANAGER_API_KEY}) need not be set yet: they are where workerhost runs.
+        variables = plan.task_manager.variables if plan.task_manager is not None else []
+        config_module.load(config_path, environ={**dict.fromkeys(variables, "set"), **os.environ})
     return Result(plan, out, converted, failures, rejected, certs)
 
 
@@ -126,7 +138,10 @@ def _write_worker(worker: Worker, source: Path, folder: Path, out: Path, ca_bund
     copy_project(worker.project, folder / "project", exclude=[p for p in (out, worker.venv) if p is not None])
     (folder / ENTRY).write_text(render_entry(worker, source), encoding="utf-8")
     (folder / "Dockerfile").write_text(render_dockerfile(worker, source), encoding="utf-8")
-    if worker.dependencies != "none" and ca_bundle is not None and ca_bundle.is_file():
+    if worker.packages:
+        lines = [f"# metadata.dependencies of {one_line(worker.where)}, installed by the Dockerfile", *worker.packages]
+        (folder / PACKAGES).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if worker.installs and ca_bundle is not None and ca_bundle.is_file():
         shutil.copyfile(ca_bundle, folder / CERT)
         return True
     return False
@@ -212,14 +227,20 @@ def summary(result: Result) -> str:
         return lines[0] + "; nothing written.\n"
     lines[0] += f" into {out}:"
     for worker in result.converted:
-        deps = {"requirements": "pip installs requirements.txt", "project": "pip installs the project"}
         lines.append(
             f"  {worker.name} -> {worker.image} on {BASES[worker.python.version]}"
-            f" ({worker.python.reason}; {deps.get(worker.dependencies, 'nothing to install')})"
+            f" ({worker.python.reason}; {_installs(worker)}; {_calls(worker)})"
         )
-    if plan.task_manager is not None:
-        lines.append(f"Tasks come from the PrismQ TaskManager at {plan.task_manager.url} ([task_manager] type http).")
-        if plan.task_manager.api_key:
+    manager = plan.task_manager
+    if manager is not None:
+        lines.append(f"Tasks come from the PrismQ TaskManager at {manager.url} ([task_manager] type http).")
+        if manager.variables:
+            names = ", ".join(manager.variables)
+            them = "it" if len(manager.variables) == 1 else "them"
+            lines.append(
+                f"It reads {names} from the environment, as the old host did: set {them} where workerhost runs."
+            )
+        elif manager.api_key:
             lines.append("Its api_key is written out as the old file had it; to keep it out of the file,")
             lines.append('write api_key = "${PRISMQ_API_KEY}" there and set that variable.')
     if result.certs:
@@ -230,3 +251,19 @@ def summary(result: Result) -> str:
     config = shlex.quote(str(out / "workerhost.toml"))
     lines += [f"  workerhost validate -c {config}", f"  workerhost serve -c {config}"]
     return "\n".join(lines) + "\n"
+
+
+def _installs(worker: Worker) -> str:
+    what = {"requirements": ["requirements.txt"], "project": ["the project"], "none": []}[worker.dependencies]
+    if worker.packages:
+        what.append(f"metadata.dependencies ({', '.join(worker.packages)})")
+    return f"pip installs {' and '.join(what)}" if what else "nothing to install"
+
+
+def _calls(worker: Worker) -> str:
+    function = worker.function
+    return {
+        "params": f"calls {function}(params)",
+        "protocol": f"runs {function}(), which reads the task and writes the result itself",
+        "auto": f"{function}(params) or {function}() by its signature, decided at start",
+    }[worker.calling.mode]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import configparser
 import math
 import os
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 
 from runner.config import WorkerConfig
 from runner.errors import ConfigError
+from runner.migrate.calling import WITH_PARAMS, Calling, detect_calling, module_file
 from runner.migrate.settings import TASK_MANAGER_KEYS, Settings, read_settings
 
 DEFAULT_OUTPUT = "imported"
@@ -50,10 +50,6 @@ _PY2_ONLY = re.compile(r"(?:===?|~=|\^|~)\s*2(?:[.\s,*]|$)|<\s*3(?:\.0)*(?:[\s,;
 _SETUP_PY_REQUIRES = re.compile(r"""python_requires\s*=\s*['"]([^'"]+)['"]""")
 
 Dependencies = Literal["requirements", "project", "none"]
-# How the entry script calls the function: with the params through the SDK, as a program that
-# speaks the protocol itself (``main()`` of PrismQ WorkerHost's template), or by its signature
-# once it is imported (when reading the source could not tell).
-Mode = Literal["params", "protocol", "auto"]
 
 
 @dataclass(frozen=True)
@@ -61,14 +57,6 @@ class Python:
     """The Python a worker runs on (``"3.11"`` or ``"2.7"``) and what decided it."""
 
     version: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Calling:
-    """How the entry script calls the worker's function, and what decided it."""
-
-    mode: Mode
     reason: str
 
 
@@ -89,7 +77,7 @@ class Worker:
     python: Python
     dependencies: Dependencies
     packages: tuple[str, ...] = ()  # metadata.dependencies, pip-installed like requirements
-    calling: Calling = Calling("params", "the function takes the params")
+    calling: Calling = WITH_PARAMS
     memory: str | None = None  # from advanced.resource_limits.max_memory_mb
     backoff: float | None = None  # from task_manager.retry_backoff
 
@@ -222,6 +210,7 @@ def check_worker(index: int, raw: Any, source: Path, base: Path) -> tuple[Worker
     venv_python = _string(raw, "venv_python", bad, required=False)
     timeout = _number(raw, "timeout", bad, whole=False)
     max_retries = _number(raw, "max_retries", bad, whole=True)
+    asked, packages, about_metadata = _metadata(raw, bad)
     defaults = WorkerConfig.model_fields
     values: dict[str, Any] = {
         "timeout": defaults["timeout"].default if timeout is None else timeout,
@@ -236,10 +225,17 @@ def check_worker(index: int, raw: Any, source: Path, base: Path) -> tuple[Worker
     unknown = sorted(str(k) for k in raw if k not in _WORKER_KEYS)
     if unknown:
         notes.append(f"{source}: {where}: {', '.join(unknown)}: not carried over (no such worker setting)")
+    notes.extend(f"{source}: {where}.{text}" for text in about_metadata)
     if problems:
         return None, problems, notes
     assert name and module and function and task_types and project
     venv = _venv_folder(venv_python, base)
+    python = detect_python(venv_python, project, base, asked)
+    if venv_python and _interpreter(venv_python, base)[1] is None:
+        notes.append(
+            f"{source}: {where}.venv_python: {venv_python} is a Windows path: that virtualenv is not on this "
+            f"machine, so the image's Python is {python.version} ({python.reason})"
+        )
     if not _module_in(project, module):
         notes.append(f"{source}: {where}.module: {module} is not in {project}; it must come from its dependencies")
     worker = Worker(
@@ -253,10 +249,51 @@ def check_worker(index: int, raw: Any, source: Path, base: Path) -> tuple[Worker
         task_types=task_types,
         timeout=values["timeout"],
         max_retries=values["max_retries"],
-        python=detect_python(venv_python, project, base),
+        python=python,
         dependencies=detect_dependencies(project),
+        packages=packages,
+        calling=detect_calling(project, module, function),
     )
     return worker, problems, notes
+
+
+def _metadata(raw: dict[str, Any], bad: Callable[[str, str], None]) -> tuple[str | None, tuple[str, ...], list[str]]:
+    """``metadata``: ``(python_version asked for, dependencies, notes)``; a bad field is a problem."""
+    metadata = raw.get("metadata")
+    if metadata is None:
+        return None, (), []
+    if not isinstance(metadata, dict):
+        bad("metadata", f"expected a mapping (got {metadata!r})"[:200])
+        return None, (), []
+    notes = []
+    asked = None
+    version = metadata.get("python_version")
+    text = str(version) if isinstance(version, str | int | float) and not isinstance(version, bool) else ""
+    if version is not None and not _VERSION.fullmatch(text):
+        bad("metadata.python_version", f'expected a Python version like "3.10" or "2.7" (got {version!r})'[:200])
+    elif version is not None:
+        asked = text.strip()
+        if isinstance(version, float):
+            notes.append(f"metadata.python_version: {version!r} is a number, and YAML reads 3.10 as 3.1: quote it")
+    packages: tuple[str, ...] = ()
+    dependencies = metadata.get("dependencies")
+    if dependencies is not None and (
+        not isinstance(dependencies, list) or not all(isinstance(d, str) for d in dependencies)
+    ):
+        bad("metadata.dependencies", f'expected a list of requirements like "six>=1.16" (got {dependencies!r})'[:200])
+    elif dependencies is not None:
+        # One requirement a line in a requirements file: a pip option (-e, --index-url) or a line
+        # break would make it something else than a dependency.
+        wrong = [d for d in dependencies if not d.strip() or d.strip().startswith("-") or one_line(d) != d]
+        if wrong:
+            bad("metadata.dependencies", f"expected requirements, not pip options or blank lines (got {wrong[0]!r})")
+        else:
+            packages = tuple(d.strip() for d in dependencies)
+    other = sorted(str(k) for k in metadata if k not in _METADATA_KEYS)
+    if other:
+        keys = ", ".join(f"metadata.{k}" for k in other)
+        notes.append(f"{keys}: not carried over (no such worker setting)")
+    return asked, packages, notes
 
 
 def _label(index: int, raw: Any) -> str:
@@ -332,6 +369,10 @@ def _task_manager(raw: Any, source: Path) -> tuple[TaskManager | None, list[str]
     if not isinstance(raw, dict):
         return None, [f"{source}: task_manager: expected a mapping (got {raw!r})"]
     problems = []
+    kind = raw.get("type", "http")
+    if not isinstance(kind, str) or kind.strip().lower() != "http":
+        # The old host's AMQP and Redis adapters have no counterpart here yet.
+        problems.append(f"{source}: task_manager.type: only an http task manager converts (got {kind!r})"[:200])
     url = raw.get("api_url", raw.get("url"))
     if "api_url" in raw and "url" in raw and raw["api_url"] != raw["url"]:
         problems.append(f"{source}: task_manager.url: differs from api_url; keep one")
@@ -358,24 +399,45 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "worker"
 
 
-def detect_python(venv_python: str | None, project: Path, base: Path = Path()) -> Python:
-    """2.7 when the old virtualenv or the project says Python 2, else 3.11."""
+def detect_python(venv_python: str | None, project: Path, base: Path = Path(), asked: str | None = None) -> Python:
+    """The old virtualenv's word, else ``asked`` (metadata.python_version), else the project's:
+    2.7 when it says Python 2, else 3.11. The reason names a version asked for that is not the base's."""
     if venv_python:
-        named = PurePosixPath(venv_python).name
-        path = base / Path(venv_python).expanduser()
-        resolved = path.resolve().name if path.exists() else named
-        for name in dict.fromkeys((named, resolved)):
+        named, path = _interpreter(venv_python, base)
+        resolved = path.resolve().name if path is not None and path.exists() else named
+        for name in dict.fromkeys(n.removesuffix(".exe") for n in (named, resolved)):
             if _PY2_NAME.fullmatch(name):
-                return Python("2.7", f"venv_python is {name}")
+                return _python("2.7", f"venv_python is {name}", name[6:])
             if _PY3_NAME.fullmatch(name):
-                return Python("3.11", f"venv_python is {name}")
-        major = _venv_major(path.parent.parent)
-        if major:
+                return _python("3.11", f"venv_python is {name}", name[6:])
+        major = _venv_major(path.parent.parent) if path is not None else None
+        if path is not None and major:
             return Python("2.7" if major == "2" else "3.11", f"{path.parent.parent} is a Python {major} virtualenv")
+    if asked:
+        version = "2.7" if asked.startswith("2") else "3.11"
+        return _python(version, f"metadata.python_version asks for {asked}", asked)
     for where, spec in _python_requirements(project):
         if _PY2_ONLY.search(spec):
             return Python("2.7", f"{where} says {spec!r}")
     return Python("3.11", "the default: nothing says Python 2")
+
+
+def _python(version: str, said: str, asked: str) -> Python:
+    """``Python(version, said)``, saying which base runs a version that is not the base's own."""
+    if asked in ("", "2", "3", version) or asked.startswith(version + "."):
+        return Python(version, said)
+    return Python(version, f"{said}; the Python {version[0]} base is {version}")
+
+
+def _interpreter(venv_python: str, base: Path) -> tuple[str, Path | None]:
+    """The interpreter's file name, and where it would be on this machine: None for a Windows
+    path with a drive (``C:\\PrismQ\\venv\\Scripts\\python.exe``), which is not here."""
+    if _WINDOWS.search(venv_python):
+        windows = PureWindowsPath(venv_python)
+        if windows.drive or windows.root:
+            return windows.name, None
+        return windows.name, base.joinpath(*windows.parts)
+    return PurePosixPath(venv_python).name, base / Path(venv_python).expanduser()
 
 
 def _venv_major(venv: Path) -> str | None:
@@ -449,17 +511,14 @@ def _read(path: Path) -> str:
 
 
 def _venv_folder(venv_python: str | None, base: Path) -> Path | None:
-    if not venv_python:
-        return None
-    return (base / Path(venv_python).expanduser()).parent.parent
+    """The old virtualenv's folder (``bin/`` or ``Scripts\\``'s parent), when it could be on this machine."""
+    path = _interpreter(venv_python, base)[1] if venv_python else None
+    return path.parent.parent if path is not None else None
 
 
 def _module_in(project: Path, module: str) -> bool:
     relative = Path(*module.split("."))
-    return any(
-        (root / relative).with_suffix(".py").is_file() or (root / relative / "__init__.py").is_file()
-        for root in (project, project / "src")
-    ) or any((project / relative.parent).glob(relative.name + ".*.so"))
+    return module_file(project, module) is not None or any((project / relative.parent).glob(relative.name + ".*.so"))
 
 
 def _unique(name: str, taken: set[str]) -> str:

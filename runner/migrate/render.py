@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from runner.migrate.plan import BASES, CERT, ENTRY, INTERPRETERS, MARKER, TaskManager, Worker, one_line
+from runner.migrate.plan import BASES, CERT, ENTRY, INTERPRETERS, MARKER, PACKAGES, TaskManager, Worker, one_line
+from runner.migrate.settings import Settings
+
+# A ``${VAR}`` or ``${VAR:-default}`` (what workerhost substitutes, as the old host did), or a lone ``$``.
+_DOLLAR = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}|\$")
 
 # -- rendering -----------------------------------------------------------------------
 
 
 def render_entry(worker: Worker, source: Path) -> str:
-    """The entry script: Python 2.7 and 3 alike, ``function(task.params)`` through ``sdk.run``."""
+    """The entry script, Python 2.7 and 3 alike: ``function(task.params)`` through ``sdk.run``, or a
+    function that takes no parameters run as the protocol-speaking program it is."""
     return f"""# -*- coding: utf-8 -*-
 {MARKER} from {one_line(str(source))}, {one_line(worker.where)}.
-# Runs the PrismQ worker {worker.module}:{worker.function} under workerhost's protocol v1:
-# the task's params go to the function, what it returns is the result, and an
-# exception is a failure by the SDK's rules. Python 2.7 and 3 alike.
+# Runs the PrismQ worker {worker.module}:{worker.function} under workerhost's protocol v1,
+# on Python 2.7 and 3 alike. CALLING says how ({one_line(worker.calling.reason)}):
+#   "params"    the function takes the task's params; what it returns is the result,
+#               an exception a failure by the SDK's rules;
+#   "protocol"  the function takes no parameters, like main() in PrismQ WorkerHost's
+#               worker template: it reads the task (JSON) from stdin, writes its result
+#               to stdout and exits with its own code; all three are left to it;
+#   "auto"      one of the two, by the signature of what imports.
 import importlib
+import inspect
 import os
 import sys
 
@@ -27,20 +39,70 @@ import workerhost_sdk as sdk
 PROJECT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "project")
 MODULE = {json.dumps(worker.module)}
 FUNCTION = {json.dumps(worker.function)}
+CALLING = {json.dumps(worker.calling.mode)}
 
 
-def handle(task):
-    # Imported here, not at the top, so that a missing dependency or a broken
-    # module is reported as the task's failure rather than as an empty stdout.
-    target = importlib.import_module(MODULE)
-    for name in FUNCTION.split("."):
-        target = getattr(target, name)
-    return target(task.params)
+def load():
+    # With fd 1 pointed at stderr: what the module prints as it imports cannot reach the result.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        target = importlib.import_module(MODULE)
+        for name in FUNCTION.split("."):
+            target = getattr(target, name)
+        return target
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def takes_params(target):
+    # Whether target can be called with one argument; when nothing says, as before: yes.
+    if hasattr(inspect, "signature"):
+        try:
+            signature = inspect.signature(target)
+        except (TypeError, ValueError):
+            return True
+        try:
+            signature.bind(None)
+        except TypeError:
+            return False
+        return True
+    if inspect.isfunction(target) or inspect.ismethod(target):  # Python 2.7
+        try:
+            inspect.getcallargs(target, None)
+        except TypeError:
+            return False
+    return True
+
+
+def fail(error):
+    # A module that does not import, or a missing dependency, is the task's failure (by
+    # the SDK's rules, with a result on stdout) rather than an empty stdout.
+    def handle(task):
+        raise error
+
+    sdk.run(handle)
+
+
+def main():
+    sys.path[:0] = [p for p in (PROJECT, os.path.join(PROJECT, "src")) if os.path.isdir(p)]
+    try:
+        target = load()
+    except Exception:
+        fail(sys.exc_info()[1])
+    if CALLING == "params" or (CALLING == "auto" and takes_params(target)):
+        sdk.run(lambda task: target(task.params))
+    # It speaks the protocol itself: stdin, stdout and the exit code are its own. A number it
+    # returns is the exit code, as with sys.exit(main()); it usually calls sys.exit itself.
+    code = target()
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 if __name__ == "__main__":
-    sys.path[:0] = [p for p in (PROJECT, os.path.join(PROJECT, "src")) if os.path.isdir(p)]
-    sdk.run(handle)
+    main()
 """
 
 
@@ -53,8 +115,10 @@ def render_dockerfile(worker: Worker, source: Path) -> str:
         f"# The PrismQ worker {worker.module}:{worker.function} on Python {worker.python.version}, run under",
         f"# workerhost's protocol v1 by {ENTRY}.",
     ]
-    if worker.dependencies != "none":
-        what = "-r requirements.txt" if worker.dependencies == "requirements" else "."
+    if worker.installs:
+        what = {"requirements": ["-r requirements.txt"], "project": ["."], "none": []}[worker.dependencies]
+        if worker.packages:  # metadata.dependencies, one a line (a shell would read ">" in "six>=1")
+            what.append(f"-r /tmp/pip/{PACKAGES}")
         lines += [
             "#",
             "# Dependencies are installed as root in a throwaway stage; only /usr/local, where",
@@ -65,11 +129,11 @@ def render_dockerfile(worker: Worker, source: Path) -> str:
             "# in the image's history. Without the file pip trusts its own bundle.",
             f"FROM {base} AS deps",
             "USER root",
-            *_pip_install(worker.python.version, what),
+            *_pip_install(worker.python.version, " ".join(what), bool(worker.packages)),
             "",
         ]
     lines += [f"FROM {base}"]
-    if worker.dependencies != "none":
+    if worker.installs:
         lines += ["COPY --from=deps /usr/local /usr/local"]
     lines += [
         "COPY project /app/project",
@@ -82,12 +146,12 @@ def render_dockerfile(worker: Worker, source: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pip_install(version: str, what: str) -> list[str]:
+def _pip_install(version: str, what: str, packages: bool) -> list[str]:
     cert = f"if [ -f /tmp/pip/{CERT} ]; then export PIP_CERT=/tmp/pip/{CERT}; fi"
     copy = [
         "COPY project /app/project",
         f"# The [m] makes the bundle optional: the COPY always matches {ENTRY}.",
-        f"COPY {ENTRY} {CERT[:-1]}[{CERT[-1]}] /tmp/pip/",
+        f"COPY {ENTRY} {PACKAGES + ' ' if packages else ''}{CERT[:-1]}[{CERT[-1]}] /tmp/pip/",
         "WORKDIR /app/project",
     ]
     if version == "2.7":
@@ -111,26 +175,43 @@ def _pip_install(version: str, what: str) -> list[str]:
     ]
 
 
-def render_config(source: Path, task_manager: TaskManager | None, workers: Iterable[Worker], broken: bool) -> str:
-    """A complete ``workerhost.toml``: the task manager and one ``[[workers]]`` table each."""
+def render_config(
+    source: Path,
+    task_manager: TaskManager | None,
+    workers: Iterable[Worker],
+    broken: bool,
+    settings: Settings | None = None,
+) -> str:
+    """A complete ``workerhost.toml``: the host, the task manager and one ``[[workers]]`` table each.
+
+    The task manager's strings keep their ``${VAR}`` references (the old host read them the
+    same way); every other ``$`` is written so that it reads back as itself.
+    """
+    settings = settings or Settings()
+    memory = settings.memory or "256m"
     lines = [
         f"{MARKER} from {one_line(str(source))}.",
         '# Reference: README.md, "Configuration". Every key left out has its default; in',
-        '# particular workers run with network = "none" and memory = "256m".',
+        f'# particular workers run with network = "none" and memory = "{memory}".',
         "",
         "[host]",
         "# Containers are labelled with this id; empty means the machine's hostname.",
         'id = "${WORKERHOST_HOST_ID:-}"',
-        "",
-        "[task_manager]",
     ]
+    if settings.http is not None:
+        lines.append(f"http = {_toml_string(settings.http)}  # the old monitoring port: API, /health, /metrics")
+    if settings.poll_max is not None:
+        lines.append(f"poll_max = {_toml_number(settings.poll_max)}  # task_manager.poll_interval")
+    lines += ["", "[task_manager]"]
     if task_manager is not None:
         lines += [
             'type = "http"',
-            f"url = {_toml_string(task_manager.url)}",
-            f"api_key = {_toml_string(task_manager.api_key)}",
-            f"worker_id = {_toml_string(task_manager.worker_id)}",
+            f"url = {_toml_string(task_manager.url, references=True)}",
+            f"api_key = {_toml_string(task_manager.api_key, references=True)}",
+            f"worker_id = {_toml_string(task_manager.worker_id, references=True)}",
         ]
+        if settings.request_timeout is not None:
+            lines.append(f"request_timeout = {_toml_number(settings.request_timeout)}  # task_manager.timeout")
     else:
         if broken:
             lines.append("# The old task_manager could not be converted (see import-config's output).")
@@ -146,13 +227,22 @@ def render_config(source: Path, task_manager: TaskManager | None, workers: Itera
             f"timeout = {_toml_number(worker.timeout)}",
             f"max_retries = {worker.max_retries}",
         ]
+        if worker.backoff is not None:
+            lines.append(f"backoff = {_toml_number(worker.backoff)}  # task_manager.retry_backoff")
+        if worker.memory is not None:
+            lines.append(f"memory = {_toml_string(worker.memory)}  # advanced.resource_limits.max_memory_mb")
     return "\n".join(lines) + "\n"
 
 
-def _toml_string(value: str) -> str:
+def _toml_string(value: str, references: bool = False) -> str:
     """A TOML basic string that reads back as ``value``: JSON's escapes are TOML's, and
-    ``$`` is doubled so that workerhost does not take it for a ``${VAR}``."""
-    return json.dumps(value.replace("$", "$$"), ensure_ascii=False).replace("\x7f", "\\u007f")
+    ``$`` is doubled so that workerhost does not take it for a ``${VAR}``; with
+    ``references``, a ``${VAR}`` stays one and only the other ``$`` are doubled."""
+    if references:
+        text = _DOLLAR.sub(lambda m: "$$" if m.group(0) == "$" else m.group(0), value)
+    else:
+        text = value.replace("$", "$$")
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _toml_number(value: float) -> str:

@@ -15,7 +15,16 @@ import yaml
 
 from runner import cli, migrate
 from runner.config import WorkerConfig, load
-from runner.migrate import Worker, detect_dependencies, detect_python, has_requirements, render_dockerfile
+from runner.errors import ConfigError
+from runner.migrate import (
+    Calling,
+    Worker,
+    detect_calling,
+    detect_dependencies,
+    detect_python,
+    has_requirements,
+    render_dockerfile,
+)
 
 SDK = Path(__file__).resolve().parents[2] / "images" / "sdk"
 
@@ -263,12 +272,14 @@ def test_keys_with_no_counterpart_are_noted_not_failed(root: Path, capsys: pytes
     old = write_old(
         root,
         [good(enabled=True)],
-        task_manager={"url": "http://tm/api", "poll_interval": 5},
+        task_manager={"url": "http://tm/api", "type": "http", "poll_interval": 5, "queue": "q"},
         logging={"level": "debug"},
+        version="1.0",
     )
     code, _, err = import_config(capsys, old, root / "out")
     assert code == 0
-    assert f"note: {old}: logging, task_manager.poll_interval: not carried over" in err
+    # type and poll_interval are carried over (their notes say where), version is the file's own.
+    assert f"note: {old}: logging, task_manager.queue: not carried over" in err
     assert f"note: {old}: workers[0] (Good): enabled: not carried over" in err
 
 
@@ -392,7 +403,9 @@ def test_strings_reach_the_config_exactly(root: Path, capsys: pytest.CaptureFixt
     assert config.workers[0].name == odd
     assert config.workers[0].task_types == [odd, "T"]
     assert config.task_manager.type == "http"
-    assert (config.task_manager.url, config.task_manager.api_key) == ("http://x/${HOME}", odd)
+    # The task manager's ${VAR} stay references, read as the old host read them; every other $ is itself.
+    substituted = odd.replace("${HOME}", "/substituted")
+    assert (config.task_manager.url, config.task_manager.api_key) == ("http://x//substituted", substituted)
 
 
 def test_slugs_are_image_names_and_stay_distinct(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -687,3 +700,619 @@ def test_an_output_folder_inside_the_project_is_not_copied_into_itself(
     assert (copied / "tasks.py").is_file()
     assert (copied / "old.yaml").is_file()
     assert not (copied / "imported").exists()
+
+
+# -- PrismQ WorkerHost's published config ----------------------------------------------------
+#
+# Shaped like its workerhost_config.yaml: an http task manager whose api_key is a ${VAR},
+# poll_interval, timeout, max_retries and retry_backoff; workers with metadata (python_version,
+# dependencies), one with a Windows venv_python; monitoring; advanced resource limits and pool.
+
+CLASSIFIER = """\
+import idna
+import six
+
+
+def classify(params):
+    return {"host": idna.encode(params["host"]).decode("ascii"), "six": six.__version__}
+"""
+
+# PrismQ WorkerHost's worker template: main() takes nothing, reads the task from stdin,
+# prints the result and exits with its own code. Python 2.7 and 3 alike.
+TEMPLATE = """\
+#!/usr/bin/env python3
+import sys
+import json
+
+
+def process_task(task):
+    if task["params"].get("fail"):
+        error = {"type": "Refused", "message": "asked to fail", "retriable": False}
+        print(json.dumps({"success": False, "error": error}))
+        sys.exit(2)
+    return {"processed": task["id"], "type": task["type"], "params": task["params"]}
+
+
+def main():
+    # 1. Read task from stdin
+    task = json.loads(sys.stdin.read())
+    # 2. Execute business logic
+    result = process_task(task)
+    # 3. Write result to stdout
+    print(json.dumps({"success": True, "result": result}))
+    # 4. Exit with success code
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+WINDOWS_PYTHON = "C:\\PrismQ\\Classifier\\venv\\Scripts\\python.exe"
+
+
+def published_workers() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": "PrismQ.Classifier",
+            "project_path": "./Classifier",
+            "venv_python": WINDOWS_PYTHON,
+            "module": "src.workers.classifier",
+            "function": "classify",
+            "task_types": ["PrismQ.Classify"],
+            "timeout": 300,
+            "max_retries": 2,
+            "metadata": {"description": "Classifies", "python_version": "3.10", "dependencies": ["six", "idna"]},
+        },
+        {
+            "name": "PrismQ.Template",
+            "project_path": "./Template",
+            "venv_python": "./Template/venv/bin/python",
+            "module": "worker",
+            "function": "main",
+            "task_types": ["PrismQ.Template"],
+            "timeout": 60,
+            "max_retries": 3,
+            "metadata": {"python_version": "3.11", "dependencies": []},
+        },
+    ]
+
+
+PUBLISHED: dict[str, Any] = {
+    "version": "1.0",
+    "task_manager": {
+        "type": "http",
+        "url": "https://api.prismq.nomoos.cz/api",
+        "api_key": "${TASKMANAGER_API_KEY}",
+        "poll_interval": 5,
+        "timeout": 30,
+        "max_retries": 3,
+        "retry_backoff": 2,
+    },
+    "monitoring": {
+        "enable_health_check": True,
+        "health_check_port": 8080,
+        "enable_metrics": True,
+        "metrics_port": 9090,
+        "log_level": "INFO",
+    },
+    "advanced": {
+        "worker_pool": {"enabled": False, "min_workers": 1, "max_workers": 4},
+        "resource_limits": {"max_memory_mb": 2048, "max_cpu_percent": 80},
+    },
+}
+
+
+def published(root: Path, **changes: Any) -> Path:
+    """The published config and its two projects under ``root``; ``changes`` replace top-level keys."""
+    make_project(
+        root / "Classifier",
+        {"src/__init__.py": "", "src/workers/__init__.py": "", "src/workers/classifier.py": CLASSIFIER},
+    )
+    make_project(root / "Template", {"worker.py": TEMPLATE})
+    data = {**PUBLISHED, "workers": published_workers(), **changes}
+    path = root / "workerhost_config.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in data.items() if v is not None}))
+    return path
+
+
+def test_the_published_config_carries_every_setting_workerhost_has(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = published(root)
+    code, out, err = import_config(capsys, old, root / "out")
+    assert code == 0, err
+    assert problem_lines(err, old) == []
+    config = load(root / "out" / "workerhost.toml", environ={"TASKMANAGER_API_KEY": "from-env"})
+    assert config.host.http == "127.0.0.1:8080"  # monitoring's health check port
+    assert config.host.poll_max == 5.0  # task_manager.poll_interval
+    manager = config.task_manager
+    assert manager.type == "http"
+    assert (manager.url, manager.api_key, manager.request_timeout) == (
+        "https://api.prismq.nomoos.cz/api",
+        "from-env",
+        30.0,
+    )
+    classifier, template = config.workers
+    for worker in (classifier, template):
+        assert worker.backoff == 2.0  # task_manager.retry_backoff
+        assert worker.memory == 2048 * 1024**2  # advanced.resource_limits.max_memory_mb
+        assert worker.network == "none"
+    assert (classifier.timeout, classifier.max_retries) == (300.0, 2)
+    assert (template.timeout, template.max_retries) == (60.0, 3)
+
+    assert (
+        "PrismQ.Classifier -> workerhost/prismq-classifier:latest on workerhost/python:3.11 "
+        "(metadata.python_version asks for 3.10; the Python 3 base is 3.11; "
+        "pip installs metadata.dependencies (six, idna); calls classify(params))"
+    ) in out
+    assert (
+        "PrismQ.Template -> workerhost/prismq-template:latest on workerhost/python:3.11 "
+        "(metadata.python_version asks for 3.11; nothing to install; "
+        "runs main(), which reads the task and writes the result itself)"
+    ) in out
+    assert "It reads TASKMANAGER_API_KEY from the environment, as the old host did: set it" in out
+    assert "the default: nothing says Python 2" not in out
+
+
+def test_each_carried_setting_is_noted_with_its_workerhost_key(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = published(root)
+    _, _, err = import_config(capsys, old, root / "out")
+    notes = [line.removeprefix(f"note: {old}: ") for line in err.splitlines() if line.startswith("note: ")]
+    expected = [
+        "task_manager.poll_interval 5s is [host] poll_max",
+        "task_manager.timeout 30s is [task_manager] request_timeout",
+        "task_manager.retry_backoff 2s is every worker's backoff",
+        "task_manager.max_retries: not carried over: the TaskManager server owns retries",
+        "monitoring.log_level: not carried over",
+        'monitoring\'s health check port 8080 is [host] http = "127.0.0.1:8080"',
+        "monitoring's metrics port 9090 is not a port of its own: `workerhost serve` serves Prometheus "
+        "metrics at GET /metrics on [host] http (127.0.0.1:8080)",
+        'advanced.resource_limits.max_memory_mb 2048 is every worker\'s memory = "2048m"',
+        "advanced.resource_limits.max_cpu_percent: not carried over",
+        "advanced.worker_pool (disabled): not carried over: workerhost has no pool of workers",
+        "workers[0] (PrismQ.Classifier).metadata.description: not carried over",
+        f"workers[0] (PrismQ.Classifier).venv_python: {WINDOWS_PYTHON} is a Windows path",
+    ]
+    for start in expected:
+        assert sum(note.startswith(start) for note in notes) == 1, (start, notes)
+    assert len(notes) == len(expected), notes
+    assert "prewarming" in err  # what worker_pool maps to, once workerhost has it
+    # What is carried over (task_manager.type among it) is never listed as not carried over.
+    dropped = {k for note in notes if ": not carried over" in note for k in note.split(": ")[0].split(", ")}
+    assert dropped == {
+        "task_manager.max_retries",
+        "monitoring.log_level",
+        "advanced.resource_limits.max_cpu_percent",
+        "advanced.worker_pool (disabled)",
+        "workers[0] (PrismQ.Classifier).metadata.description",
+    }
+
+
+def test_the_retry_backoff_note_says_when_it_counts(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = published(root)
+    _, _, err = import_config(capsys, old, root / "out")
+    assert "the TaskManager server owns retries, so it counts only when these workers take tasks" in err
+    manager = {k: v for k, v in PUBLISHED["task_manager"].items() if k != "url"}  # cannot convert
+    old = published(root, task_manager=manager)
+    code, _, err = import_config(capsys, old, root / "out2")
+    assert code == 1
+    assert (
+        f"note: {old}: task_manager.retry_backoff 2s is every worker's backoff (the first retry's delay, doubling)\n"
+        in err
+    )
+    assert f"note: {old}: task_manager.timeout: not carried over: the task manager could not be converted" in err
+    config = load(root / "out2" / "workerhost.toml", environ={})
+    assert config.task_manager.type == "embedded"
+    assert config.workers[0].backoff == 2.0 and config.host.poll_max == 5.0
+
+
+def test_the_api_key_reference_stays_a_reference(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = published(root)
+    code, _, err = import_config(capsys, old, root / "out")  # TASKMANAGER_API_KEY need not be set here
+    assert code == 0, err
+    text = (root / "out" / "workerhost.toml").read_text()
+    assert 'api_key = "${TASKMANAGER_API_KEY}"' in text
+    assert "$${" not in text
+    with pytest.raises(ConfigError, match="environment variable TASKMANAGER_API_KEY is not set"):
+        load(root / "out" / "workerhost.toml", environ={})
+    assert load(root / "out" / "workerhost.toml", environ={"TASKMANAGER_API_KEY": "k"}).task_manager.api_key == "k"
+
+
+@pytest.mark.parametrize(
+    ("api_key", "environ", "read"),
+    [
+        ("${TASKMANAGER_API_KEY}", {"TASKMANAGER_API_KEY": "k1"}, "k1"),
+        ("${TASKMANAGER_API_KEY:-fallback}", {}, "fallback"),
+        ("pa$word-${KEY}", {"KEY": "x"}, "pa$word-x"),  # a lone $ is itself, as it was
+        ("$${KEY} $5 ${not a var}", {"KEY": "x"}, "$x $5 ${not a var}"),
+        ("plain", {}, "plain"),
+    ],
+)
+def test_task_manager_strings_keep_references_and_nothing_else(
+    root: Path, capsys: pytest.CaptureFixture[str], api_key: str, environ: dict[str, str], read: str
+) -> None:
+    old = write_old(
+        root, [good()], task_manager={"url": "http://tm/api", "api_key": api_key, "worker_id": "${HOST:-h}"}
+    )
+    code, _, err = import_config(capsys, old, root / "out")
+    assert code == 0, err
+    manager = load(root / "out" / "workerhost.toml", environ=environ).task_manager
+    assert (manager.api_key, manager.worker_id) == (read, "h")
+
+
+def test_a_task_manager_that_is_not_http_is_reported(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = write_old(root, [good()], task_manager={"type": "amqp", "url": "amqp://mq"})
+    code, _, err = import_config(capsys, old, root / "out")
+    assert code == 1
+    assert problem_lines(err, old) == [f"{old}: task_manager.type: only an http task manager converts (got 'amqp')"]
+    assert load(root / "out" / "workerhost.toml", environ={}).task_manager.type == "embedded"
+    old = write_old(root, [good()], task_manager={"type": "HTTP", "url": "http://tm"})
+    assert import_config(capsys, old, root / "out")[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("monitoring", "http", "notes"),
+    [
+        (
+            {"health_check": {"enabled": True, "port": 8081}, "metrics": {"enabled": True, "port": 9091}},
+            "127.0.0.1:8081",
+            2,
+        ),
+        ({"enable_health_check": False, "health_check_port": 8080, "metrics_port": 9090}, "127.0.0.1:9090", 1),
+        ({"health_check": {"enabled": False, "port": 8080}, "metrics": {"enabled": False, "port": 9090}}, None, 0),
+        ({"health_check_port": 8080}, "127.0.0.1:8080", 1),
+        ({}, None, 0),
+    ],
+)
+def test_the_monitoring_port_becomes_the_api_port(
+    root: Path, capsys: pytest.CaptureFixture[str], monitoring: dict[str, Any], http: str | None, notes: int
+) -> None:
+    old = write_old(root, [good()], monitoring=monitoring)
+    code, _, err = import_config(capsys, old, root / "out")
+    assert code == 0, err
+    config = load(root / "out" / "workerhost.toml", environ={})
+    assert config.host.http == (http or "127.0.0.1:8080")  # None: workerhost's default
+    assert ('http = "' in (root / "out" / "workerhost.toml").read_text()) == (http is not None)
+    assert err.count("monitoring's") == notes
+
+
+def test_a_pool_that_was_enabled_is_noted_too(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = write_old(root, [good()], advanced={"worker_pool": {"enabled": True, "max_workers": 8}, "retries": 1})
+    code, _, err = import_config(capsys, old, root / "out")
+    assert code == 0
+    assert f"note: {old}: advanced.worker_pool (enabled): not carried over" in err and "prewarming" in err
+    assert f"note: {old}: advanced.retries: not carried over" in err
+    assert load(root / "out" / "workerhost.toml", environ={}).workers[0].memory == 256 * 1024**2
+
+
+BAD_SETTINGS = [
+    (
+        {"task_manager": {"url": "http://tm", "poll_interval": "5s"}},
+        "task_manager.poll_interval: expected a positive number of seconds (got '5s')",
+    ),
+    (
+        {"task_manager": {"url": "http://tm", "timeout": 0}},
+        "task_manager.timeout: expected a positive number of seconds (got 0)",
+    ),
+    (
+        {"task_manager": {"url": "http://tm", "retry_backoff": True}},
+        "task_manager.retry_backoff: expected a positive number of seconds (got True)",
+    ),
+    (
+        {"monitoring": {"health_check_port": 70000}},
+        "monitoring.health_check_port: expected a port number from 1 to 65535 (got 70000)",
+    ),
+    (
+        {"monitoring": {"metrics": {"port": "9090"}}},
+        "monitoring.metrics.port: expected a port number from 1 to 65535 (got '9090')",
+    ),
+    ({"monitoring": "on"}, "monitoring: expected a mapping (got 'on')"),
+    (
+        {"advanced": {"resource_limits": {"max_memory_mb": "2GB"}}},
+        "advanced.resource_limits.max_memory_mb: expected a whole number of MiB (got '2GB')",
+    ),
+    (
+        {"advanced": {"resource_limits": {"max_memory_mb": 0}}},
+        "advanced.resource_limits.max_memory_mb: expected a whole number of MiB (got 0)",
+    ),
+    ({"advanced": {"resource_limits": 2048}}, "advanced.resource_limits: expected a mapping (got 2048)"),
+]
+
+
+@pytest.mark.parametrize(("other", "message"), BAD_SETTINGS, ids=[m.split(":")[0] for _, m in BAD_SETTINGS])
+def test_a_bad_setting_is_reported_and_the_workers_still_convert(
+    root: Path, capsys: pytest.CaptureFixture[str], other: dict[str, Any], message: str
+) -> None:
+    task_manager = other.pop("task_manager", None)
+    old = write_old(root, [good()], task_manager=task_manager, **other)
+    code, out, err = import_config(capsys, old, root / "out")
+    assert code == 1
+    assert problem_lines(err, old) == [f"{old}: {message}"]
+    assert "Converted 1 of 1 workers" in out
+    config = load(root / "out" / "workerhost.toml", environ={})
+    defaults = WorkerConfig(name="x", image="x", task_types=["x"])
+    assert (config.workers[0].memory, config.workers[0].backoff) == (defaults.memory, defaults.backoff)
+
+
+# -- metadata: python_version and dependencies ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("asked", "version", "reason"),
+    [
+        ("3.10", "3.11", "metadata.python_version asks for 3.10; the Python 3 base is 3.11"),
+        ("3.11", "3.11", "metadata.python_version asks for 3.11"),
+        ("3.11.4", "3.11", "metadata.python_version asks for 3.11.4"),
+        ("3.12", "3.11", "metadata.python_version asks for 3.12; the Python 3 base is 3.11"),
+        ("3", "3.11", "metadata.python_version asks for 3"),
+        ("2.7", "2.7", "metadata.python_version asks for 2.7"),
+        ("2", "2.7", "metadata.python_version asks for 2"),
+        ("2.6", "2.7", "metadata.python_version asks for 2.6; the Python 2 base is 2.7"),
+    ],
+)
+def test_python_from_metadata_says_what_was_asked_and_what_runs(
+    tmp_path: Path, asked: str, version: str, reason: str
+) -> None:
+    project = make_project(tmp_path / "p", {"setup.cfg": "[options]\npython_requires = >=2.7, <3\n"})
+    assert detect_python(None, project, asked=asked) == migrate.Python(version, reason)  # above the project's word
+    assert detect_python("venv/bin/python", project, tmp_path, asked) == migrate.Python(version, reason)
+
+
+def test_the_virtualenv_speaks_before_metadata(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "p")
+    assert detect_python("/srv/venv/bin/python2.7", project, asked="3.10") == migrate.Python(
+        "2.7", "venv_python is python2.7"
+    )
+    assert detect_python("/srv/venv/bin/python3.9", project, asked="3.10") == migrate.Python(
+        "3.11", "venv_python is python3.9; the Python 3 base is 3.11"
+    )
+
+
+def test_a_windows_venv_python(tmp_path: Path, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    project = make_project(tmp_path / "p")
+    assert detect_python(WINDOWS_PYTHON, project, asked="3.10").version == "3.11"
+    assert detect_python("C:\\Python27\\venv\\Scripts\\python2.7.exe", project).reason == "venv_python is python2.7"
+    assert detect_python(WINDOWS_PYTHON, project).reason == "the default: nothing says Python 2"
+    # A relative one is looked for on this machine, like a POSIX one.
+    venv = make_project(root / "good" / "venv", {"pyvenv.cfg": "version = 2.7.18\n", "Scripts/python.exe": ""})
+    old = write_old(root, [good(venv_python="good\\venv\\Scripts\\python.exe")])
+    code, out, err = import_config(capsys, old, root / "out")
+    assert code == 0, err
+    assert f"on workerhost/python:2.7 ({venv} is a Python 2 virtualenv" in out
+    assert "Windows path" not in err  # it is here
+    assert not (root / "out" / "workers" / "good" / "project" / "venv").exists()
+
+
+def test_a_version_written_as_a_number_is_noted(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = write_old(root, [good(metadata={"python_version": 3.1})])
+    code, out, err = import_config(capsys, old, root / "out")
+    assert code == 0
+    assert "YAML reads 3.10 as 3.1: quote it" in err
+    assert "on workerhost/python:3.11 (venv_python is python3.11;" in out  # the venv speaks first
+
+
+METADATA_MISTAKES = [
+    (
+        {"python_version": "banana"},
+        'metadata.python_version: expected a Python version like "3.10" or "2.7" (got \'banana\')',
+    ),
+    ({"python_version": 4}, 'metadata.python_version: expected a Python version like "3.10" or "2.7" (got 4)'),
+    ({"python_version": True}, "metadata.python_version: expected a Python version"),
+    (
+        {"dependencies": "six idna"},
+        "metadata.dependencies: expected a list of requirements like \"six>=1.16\" (got 'six idna')",
+    ),
+    ({"dependencies": ["six", 1]}, "metadata.dependencies: expected a list of requirements"),
+    (
+        {"dependencies": ["-e ."]},
+        "metadata.dependencies: expected requirements, not pip options or blank lines (got '-e .')",
+    ),
+    (
+        {"dependencies": ["six", "--index-url=http://evil"]},
+        "metadata.dependencies: expected requirements, not pip options",
+    ),
+    ({"dependencies": ["six\n-r /etc/passwd"]}, "metadata.dependencies: expected requirements, not pip options"),
+    (
+        {"dependencies": ["  "]},
+        "metadata.dependencies: expected requirements, not pip options or blank lines (got '  ')",
+    ),
+]
+
+
+@pytest.mark.parametrize(("metadata", "message"), METADATA_MISTAKES, ids=[m for _, m in METADATA_MISTAKES])
+def test_bad_metadata_fails_its_worker(
+    root: Path, capsys: pytest.CaptureFixture[str], metadata: dict[str, Any], message: str
+) -> None:
+    old = write_old(root, [good(), good("Bad", metadata=metadata)])
+    code, _, err = import_config(capsys, old, root / "out")
+    assert code == 1
+    lines = problem_lines(err, old)
+    assert len(lines) == 1 and lines[0].startswith(f"{old}: workers[1] (Bad).{message}"), err
+    old = write_old(root, [good(metadata="x")])
+    assert problem_lines(import_config(capsys, old, root / "out")[2], old) == [
+        f"{old}: workers[0] (Good).metadata: expected a mapping (got 'x')"
+    ]
+
+
+def test_metadata_dependencies_are_pip_installed(
+    root: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = root / "bundle.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("PIP_CERT", str(bundle))
+    make_project(root / "reqs", {"tasks.py": TASKS, "requirements.txt": "six\n"})
+    old = write_old(
+        root,
+        [
+            good(metadata={"dependencies": ["idna>=3", "six; python_version >= '3'"]}),
+            good("Reqs", "reqs", metadata={"dependencies": ["idna"]}),
+            good("Py2", metadata={"dependencies": ["six==1.16.0"]}, venv_python="/srv/venv/bin/python2.7"),
+            good("None", metadata={"dependencies": []}),
+        ],
+    )
+    code, out, err = import_config(capsys, old, root / "out")
+    assert code == 0, err
+    folder = root / "out" / "workers"
+    assert (folder / "good" / "metadata-requirements.txt").read_text().splitlines()[1:] == [
+        "idna>=3",
+        "six; python_version >= '3'",
+    ]
+    assert (folder / "good" / "pip-cert.pem").is_file()  # the CA bundle goes where pip runs
+    deps, final = stages((folder / "good" / "Dockerfile").read_text())
+    assert "COPY workerhost_entry.py metadata-requirements.txt pip-cert.pe[m] /tmp/pip/" in deps
+    assert deps[-1].strip() == "--break-system-packages -r /tmp/pip/metadata-requirements.txt"
+    assert final[1] == "COPY --from=deps /usr/local /usr/local"
+    assert not any("pip" in line or "metadata-requirements" in line for line in final)
+    deps, _ = stages((folder / "reqs" / "Dockerfile").read_text())
+    assert deps[-1].strip() == "--break-system-packages -r requirements.txt -r /tmp/pip/metadata-requirements.txt"
+    deps, _ = stages((folder / "py2" / "Dockerfile").read_text())
+    assert 'python2.7 "$@" install --disable-pip-version-check -r /tmp/pip/metadata-requirements.txt' in "\n".join(deps)
+    assert len(stages((folder / "none" / "Dockerfile").read_text())) == 1  # nothing to install: no pip stage
+    assert not (folder / "none" / "metadata-requirements.txt").exists()
+    assert (
+        "Good -> workerhost/good:latest on workerhost/python:3.11 (venv_python is python3.11; pip installs "
+        "metadata.dependencies (idna>=3, six; python_version >= '3'); calls run(params))" in out
+    )
+    assert "pip installs requirements.txt and metadata.dependencies (idna)" in out
+    assert (
+        "None -> workerhost/none:latest on workerhost/python:3.11 (venv_python is python3.11; nothing to install" in out
+    )
+
+
+# -- how the function is called ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "function", "mode"),
+    [
+        (TEMPLATE, "main", "protocol"),
+        ("def main(*, verbose=False):\n    pass\n", "main", "protocol"),
+        ("def run(params):\n    pass\n", "run", "params"),
+        ("def run(params, /):\n    pass\n", "run", "params"),
+        ("def run(*args):\n    pass\n", "run", "params"),
+        ("def main(argv=None):\n    pass\n", "main", "params"),  # it can take them: it gets them
+        ("import functools\n@functools.lru_cache\ndef main():\n    pass\n", "main", "auto"),
+        ("def main():\n    pass\nmain = lambda params: params\n", "main", "auto"),
+        ("try:\n    from fast import main\nexcept ImportError:\n    def main():\n        pass\n", "main", "auto"),
+        ("from elsewhere import main\n", "main", "auto"),
+        ("class main(object):\n    pass\n", "main", "auto"),
+        ("def main():\n    print 'python 2'\n", "main", "auto"),  # not Python 3: by its signature at run time
+        ("def other():\n    pass\n", "main", "auto"),
+    ],
+)
+def test_how_the_function_is_called_from_its_source(tmp_path: Path, source: str, function: str, mode: str) -> None:
+    project = make_project(tmp_path / "p", {"worker.py": source})
+    assert detect_calling(project, "worker", function).mode == mode
+
+
+def test_what_cannot_be_read_is_decided_at_run_time(tmp_path: Path) -> None:
+    project = make_project(tmp_path / "p", {"pkg/__init__.py": "", "pkg/tasks.py": TASKS})
+    assert detect_calling(project, "pkg.tasks", "run") == Calling("params", "run() takes the params")
+    assert detect_calling(project, "pkg.tasks", "Handler.go").mode == "auto"
+    assert detect_calling(project, "installed.elsewhere", "run").mode == "auto"
+
+
+def entry_with(tmp_path: Path, source: str, function: str = "main", mode: str | None = None) -> Path:
+    """A worker folder for ``worker.py`` holding ``source``; how it is called decided as import-config does."""
+    project = make_project(tmp_path / "p", {"worker.py": source})
+    folder = tmp_path / "w"
+    folder.mkdir()
+    migrate.copy_project(project, folder / "project")
+    calling = detect_calling(project, "worker", function)
+    converted = replace(
+        worker(project), module="worker", function=function, calling=Calling(mode, "test") if mode else calling
+    )
+    entry = folder / migrate.ENTRY
+    entry.write_text(migrate.render_entry(converted, tmp_path / "old.yaml"))
+    return entry
+
+
+def run_raw(entry: Path, params: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    envelope = {"id": "t-1", "type": "W", "params": params, "attempt": 1}
+    return subprocess.run(
+        [sys.executable, str(entry)],
+        input=json.dumps(envelope),
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(SDK)},
+        cwd=entry.parent.parent,
+        timeout=60,
+    )
+
+
+def test_a_template_main_runs_as_it_is(tmp_path: Path) -> None:
+    entry = entry_with(tmp_path, TEMPLATE)
+    assert 'CALLING = "protocol"' in entry.read_text()
+    done = run_raw(entry, {"text": "hi"})
+    assert done.returncode == 0, done.stderr
+    # Its stdout, byte for byte: the envelope it read is workerhost's (id, type, params, ...).
+    result = {"processed": "t-1", "type": "W", "params": {"text": "hi"}}
+    assert done.stdout == json.dumps({"success": True, "result": result}) + "\n"
+
+
+def test_a_template_main_keeps_its_own_failure_and_exit_code(tmp_path: Path) -> None:
+    done = run_raw(entry_with(tmp_path, TEMPLATE), {"fail": True})
+    assert done.returncode == 2
+    error = {"type": "Refused", "message": "asked to fail", "retriable": False}
+    assert done.stdout == json.dumps({"success": False, "error": error}) + "\n"
+
+
+def test_a_number_main_returns_is_its_exit_code(tmp_path: Path) -> None:
+    source = "import sys\n\ndef main():\n    sys.stdin.read()\n    print('{\"success\": false}')\n    return 3\n"
+    done = run_raw(entry_with(tmp_path, source), {})
+    assert (done.returncode, done.stdout) == (3, '{"success": false}\n')
+
+
+AUTO = """\
+import functools
+import json
+import sys
+
+
+def wrapped(function):
+    @functools.wraps(function)
+    def wrapper(*args):
+        return function(*args)
+    return wrapper
+
+
+@wrapped
+def main():
+    task = json.load(sys.stdin)
+    print(json.dumps({"success": True, "result": "main read " + task["id"]}))
+
+
+@wrapped
+def run(params):
+    return {"run got": params}
+"""
+
+
+@pytest.mark.parametrize(
+    ("function", "body"),
+    [
+        ("main", {"success": True, "result": "main read t-1"}),
+        ("run", {"success": True, "result": {"run got": {"a": 1}}}),
+    ],
+)
+def test_auto_goes_by_the_signature_of_what_imports(tmp_path: Path, function: str, body: dict[str, Any]) -> None:
+    entry = entry_with(tmp_path, AUTO, function)
+    assert 'CALLING = "auto"' in entry.read_text()  # decorated: the source cannot tell
+    done = run_raw(entry, {"a": 1})
+    assert (done.returncode, json.loads(done.stdout)) == (0, body), done.stderr
+
+
+@pytest.mark.parametrize("function", ["main", "run"])
+def test_what_a_module_prints_as_it_imports_goes_to_stderr(tmp_path: Path, function: str) -> None:
+    source = "print('importing')\n" + TEMPLATE + "\n\ndef run(params):\n    return 'ran'\n"
+    done = run_raw(entry_with(tmp_path, source, function), {})
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["success"] is True
+    assert "importing" in done.stderr
+
+
+def test_a_protocol_main_that_does_not_import_fails_by_the_sdk_rules(tmp_path: Path) -> None:
+    done = run_raw(entry_with(tmp_path, "import no_such_module\n\ndef main():\n    pass\n"), {})
+    assert done.returncode == 2
+    assert json.loads(done.stdout)["error"]["type"] == "ModuleNotFoundError"
