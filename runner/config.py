@@ -17,7 +17,7 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, NoReturn
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, NoReturn
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
@@ -214,6 +214,35 @@ class HttpSource(_Section):
     claim_timeout: Duration = 300.0  # the server's claim timeout: a claim expires after it
     register_task_types: bool = False  # register configured task types the server does not know
     request_timeout: Duration = 10.0
+    max_attempts: int = Field(default=3, ge=1, le=1000)  # the server's MAX_TASK_ATTEMPTS: its last is final
+    # Requests a minute to the server, all types together (the server allows 100; reports may exceed it).
+    max_requests_per_minute: int = Field(default=60, ge=1, le=100_000)
+
+    # What may stand raw in a URL path segment (RFC 3986 pchar, without "%"): the server does
+    # not decode its path parameters, so a name that needs encoding can never be looked up.
+    _PATH_SEGMENT: ClassVar[re.Pattern[str]] = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=:@-]+")
+
+    @classmethod
+    def lookup_problem(cls, name: str) -> str | None:
+        """Why the server cannot look up a task type of this name (``GET /task-types/{name}``), or None."""
+        if name in (".", ".."):
+            return f"task type {name!r} is a path step, not a name the task manager can look up"
+        if cls._PATH_SEGMENT.fullmatch(name):
+            return None
+        odd = "".join(dict.fromkeys(c for c in name if not cls._PATH_SEGMENT.fullmatch(c)))
+        return (
+            f"task type {name!r} cannot be looked up on the PrismQ TaskManager: {odd!r} would need URL "
+            "encoding in GET /task-types/{name} and the server does not decode it; use letters, digits "
+            "and . _ ~ - (or ! $ & ' ( ) * + , ; = : @)"
+        )
+
+    @field_validator("task_types")
+    @classmethod
+    def _lookupable(cls, value: list[str]) -> list[str]:
+        problems = [problem for name in value if (problem := cls.lookup_problem(name)) is not None]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
 
 class TelemetryConfig(_Section):
@@ -609,7 +638,7 @@ def loads(text: str, source: str = DEFAULT_PATH, environ: Mapping[str, str] | No
     data = _substitute(raw, os.environ if environ is None else environ, (), raw, source, unset)
     if isinstance(data.get("task_manager"), dict):
         data["task_manager"].setdefault("type", "embedded")  # the default source needs no type
-    problems = [*unset.values(), *_duplicates(data, source)]
+    problems = [*unset.values(), *_duplicates(data, source), *_unreachable_names(data, source)]
     try:
         # The folder is where a worker's params_schema file is looked for.
         config = Config.model_validate({**data, "source": source}, context={"folder": Path(source).parent})
@@ -699,6 +728,20 @@ def _describe(error: Any, raw: dict[str, Any], source: str) -> str:
     if isinstance(error.get("input"), dict):  # a rule about several fields: the message names them
         return f"{source}: {_where(loc, raw)}: {message}"
     return f"{source}: {_where(loc, raw)}: {message} (got {error.get('input')!r})"
+
+
+def _unreachable_names(data: dict[str, Any], source: str) -> list[str]:
+    """With the PrismQ source, the workers' task types the server could not look up by name."""
+    manager, workers = data.get("task_manager"), data.get("workers")
+    if not isinstance(manager, dict) or manager.get("type") != "http" or not isinstance(workers, list):
+        return []
+    problems = []
+    for index, worker in enumerate(workers):
+        task_types = worker.get("task_types") if isinstance(worker, dict) else None
+        for task_type in task_types if isinstance(task_types, list) else []:
+            if isinstance(task_type, str) and (problem := HttpSource.lookup_problem(task_type)) is not None:
+                problems.append(f"{source}: {_where(('workers', index), data)}.task_types: {problem}")
+    return problems
 
 
 def _duplicates(data: dict[str, Any], source: str) -> list[str]:

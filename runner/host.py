@@ -86,7 +86,9 @@ class Host:
         self.hooks = hooks or Hooks()
         self.owner = owner or new_owner()
         self.workers = {w.name: WorkerState(w) for w in config.workers}
-        self.in_flight: dict[str, TaskRun] = {}
+        # By claim (task id and attempt): a source whose claims expire (PrismQ) may hand this host
+        # a task again while its earlier attempt still runs here.
+        self.in_flight: dict[tuple[str, int], TaskRun] = {}
         self.engine_error: str | None = "not checked yet"  # so that the first answer is an event
         self.alive = False
         self.stopping = asyncio.Event()
@@ -225,14 +227,15 @@ class Host:
             return
         unit = TaskRun(task, worker.config, self.services, claim_started)
         worker.in_flight += 1
-        self.in_flight[task.id] = unit
+        claim = (task.id, task.attempt)
+        self.in_flight[claim] = unit
 
         async def life() -> None:
             try:
                 await unit()
             finally:
                 worker.in_flight -= 1
-                self.in_flight.pop(task.id, None)
+                self.in_flight.pop(claim, None)
                 self._wake.set()
 
         self._spawn(life(), f"task-{task.id}")
@@ -321,7 +324,7 @@ class Host:
             return
         log.warning("grace period over: killing %d containers and handing their tasks back", len(self.in_flight))
         loop = asyncio.get_running_loop()
-        for task_id in list(self.in_flight):
+        for task_id in {task_id for task_id, _ in self.in_flight}:
             try:
                 await loop.run_in_executor(None, self.runner.cancel, task_id)
             except EngineError as exc:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import ValidationError
 
-from runner.config import WorkerConfig
+from runner.config import HttpSource, WorkerConfig
 from runner.errors import ConfigError
 from runner.migrate.calling import WITH_PARAMS, Calling, detect_calling, module_file
 from runner.migrate.settings import TASK_MANAGER_KEYS, Settings, read_settings
@@ -327,6 +327,9 @@ def _task_types(raw: dict[str, Any], bad: Callable[[str, str], None]) -> tuple[s
         bad("task_types", f"expected a list of task type names (got {value!r})")
     elif not value:
         bad("task_types", "expected at least one task type")
+    elif unreachable := [problem for t in value if (problem := HttpSource.lookup_problem(t)) is not None]:
+        # The old host took these from a PrismQ TaskManager, which cannot look such a name up either.
+        bad("task_types", unreachable[0])
     else:
         return tuple(value)
     return None

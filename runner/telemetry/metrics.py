@@ -72,7 +72,9 @@ class Metrics:
                 self.tasks.labels(worker, "completed").inc()
             case events.TaskFailed():
                 self.tasks.labels(worker, event.outcome).inc()
-            case events.TaskRetrying():
+            case events.TaskRetrying() | events.TaskReturned():
+                # TaskReturned: a source that retries by itself (PrismQ) got a failure it will hand out
+                # again (a failure on the attempt its claim names as the last is TaskFailed).
                 self.retries.labels(worker).inc()
             case events.LeaseLost():
                 self.lease_lost.inc()

@@ -332,6 +332,7 @@ type = "http"
 url = "{manager.url}"
 api_key = "{manager.api_key}"
 register_task_types = true
+max_attempts = 2
 
 [[workers]]
 name = "Test.Behave"
@@ -359,5 +360,20 @@ memory = "64m"
             assert failed.attempts == 2
             assert all(c["success"] is False for c in failed.completions)
             assert "WorkerFailed" in (failed.error or "")
+            # Each claim under its own worker id; the last attempt counted as the task's end, the other as a retry.
+            host_id = config.read_text().split('id = "', 1)[1].split('"', 1)[0]
+            assert set(done.claims + failed.claims) <= {f"{host_id}#1", f"{host_id}#2"}
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(host.http.get("/metrics").text)
+                for s in f.samples
+            }
+            worker = (("worker", "Test.Behave"),)
+            assert samples[("workerhost_tasks_total", (("outcome", "failed"), *worker))] == 1
+            assert samples[("workerhost_tasks_total", (("outcome", "completed"), *worker))] == 1
+            assert samples[("workerhost_retries_total", worker)] == 1
+            assert [r for r in manager.requests if r.status == 429] == []
+            source = host.http.get("/health").json()["source"]
+            assert source["reachable"] is True and source["max_attempts"] == 2
         finally:
             host.stop()

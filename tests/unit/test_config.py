@@ -863,3 +863,22 @@ def test_a_schema_that_cannot_be_applied_refuses_instead_of_raising() -> None:
     assert line.startswith("params: the worker's params_schema cannot be applied: ")
     assert "https://example.com/a.json" in line
     assert worker.params_problems({}) == []  # the reference is not followed where nothing uses it
+
+
+def test_with_the_prismq_source_a_workers_task_type_the_server_cannot_look_up_is_a_config_error() -> None:
+    text = """
+[task_manager]
+type = "http"
+url = "http://taskmanager.invalid/api"
+
+[[workers]]
+name = "spaced"
+image = "workerhost/echo:latest"
+task_types = ["Fine.Name", "H1 Space"]
+"""
+    with pytest.raises(ConfigError) as refused:
+        loads(text, source="x.toml", environ={})
+    [problem] = refused.value.problems
+    assert problem.startswith("x.toml: workers[0] (spaced).task_types: task type 'H1 Space' cannot be looked up")
+    embedded = text.replace('type = "http"\nurl = "http://taskmanager.invalid/api"', 'type = "embedded"')
+    assert loads(embedded, environ={}).task_types() == ["Fine.Name", "H1 Space"]  # only the server cares

@@ -1453,3 +1453,23 @@ def test_a_renewable_lease_is_renewed_while_the_report_waits_for_the_source(
     completes = source.completes("t-1")
     assert len(completes) == 4 and source.status("t-1") == "completed"
     assert [c for c in source.named("renew") if completes[0].at < c.at < completes[-1].at]  # renewed meanwhile
+
+
+def test_a_task_claimed_again_while_its_first_attempt_runs_is_two_claims_in_flight() -> None:
+    # A source whose claims expire (PrismQ) may hand this host the task again meanwhile.
+    source, runner = InMemorySource(), FakeRunner()
+    source.add("t-1", sleep=0.4)
+    seen: list[int] = []
+
+    async def expire_the_claim(host: Host) -> None:
+        await until(lambda: runner.started("t-1"), what="the first attempt")
+        source.tasks["t-1"].status = "pending"  # its claim expired on the source's clock
+        await until(lambda: len(runner.envelopes("t-1")) == 2, what="the second claim")
+        seen.append(len(host.in_flight))
+
+    host = drive(make_config(worker("a", concurrency=2)), source, runner, during=expire_the_claim)
+
+    assert seen == [2]  # both attempts held, neither entry overwriting the other
+    assert [e.attempt for e in runner.envelopes("t-1")] == [1, 2]
+    assert host.in_flight == {}
+    assert host.workers["a"].in_flight == 0

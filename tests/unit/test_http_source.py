@@ -4,19 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Coroutine, Iterator
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 import runner.sources.http as http_source
-from runner.config import HttpSource, WorkerConfig
+from runner.api import create_app
+from runner.config import HttpSource, WorkerConfig, loads
+from runner.errors import ConfigError
+from runner.host import Host
 from runner.protocol import ErrorInfo, Outcome, Status
 from runner.sources import ClaimedTask, Finished, HeldTask, LeaseLost, SourceUnavailable
 from runner.sources.http import HttpTaskSource, check_timeouts
+from runner.sources.ratelimit import RequestBudget, retry_after
+from runner.telemetry.context import trace_id_of
+from runner.telemetry.events import Hooks
+from runner.telemetry.metrics import Metrics
 from tests.prismq_server import API_KEY, PrismQServer, prismq_server_fixture  # noqa: F401 (pytest finds it by name)
+from tests.unit.test_host import FakeRunner, drive, make_config, until
+from tests.unit.test_host import worker as worker_toml
 
 T = TypeVar("T")
 HOST = "host-1"
@@ -161,8 +174,8 @@ def test_claim_resolves_types_when_start_was_not_called(server: PrismQServer) ->
 
 
 def test_task_types_and_worker_id_come_from_the_config_when_set(server: PrismQServer) -> None:
-    server.create_task(ECHO)
-    server.create_task(STATS)
+    server.create_task(ECHO, {"text": "hi"})
+    server.create_task(STATS, {"text": "hi"})
 
     async def scenario() -> tuple[HttpTaskSource, ClaimedTask | None]:
         tasks = source(server, [ECHO, STATS], task_types=[STATS], worker_id="prismq-worker-7")
@@ -174,7 +187,7 @@ def test_task_types_and_worker_id_come_from_the_config_when_set(server: PrismQSe
     assert tasks.task_types == [STATS]
     assert tasks.worker_id == "prismq-worker-7"
     assert claimed is not None and claimed.type == STATS
-    assert server.task(claimed.id).claimed_by == "prismq-worker-7"
+    assert server.task(claimed.id).claimed_by == "prismq-worker-7#1"  # the claim's own worker id
     assert HttpTaskSource(config(server.url), HOST, [ECHO]).worker_id == HOST
 
 
@@ -195,10 +208,10 @@ def test_claim_on_an_empty_queue_is_none_not_a_fault(server: PrismQServer) -> No
 
 
 def test_claim_cycles_over_types_round_robin(server: PrismQServer) -> None:
-    for _ in range(3):
-        server.create_task(ECHO)
-    server.create_task(STATS)
-    server.create_task(TAGS)
+    for n in range(3):
+        server.create_task(ECHO, {"n": n})  # the server deduplicates equal params
+    server.create_task(STATS, {"n": 0})
+    server.create_task(TAGS, {"n": 0})
 
     async def scenario() -> list[str | None]:
         tasks = source(server)
@@ -214,9 +227,9 @@ def test_claim_cycles_over_types_round_robin(server: PrismQServer) -> None:
 
 
 def test_claim_starts_after_the_type_it_last_claimed_from(server: PrismQServer) -> None:
-    server.create_task(ECHO)
-    server.create_task(TAGS)
-    server.create_task(ECHO)
+    server.create_task(ECHO, {"n": 1})
+    server.create_task(TAGS, {"n": 1})
+    server.create_task(ECHO, {"n": 2})
     echo, stats, tags = (tid(server, t) for t in (ECHO, STATS, TAGS))
 
     async def scenario() -> list[list[int]]:
@@ -233,8 +246,8 @@ def test_claim_starts_after_the_type_it_last_claimed_from(server: PrismQServer) 
 
 
 def test_claim_only_tries_the_types_it_is_asked_for(server: PrismQServer) -> None:
-    server.create_task(ECHO)
-    stats_task = server.create_task(STATS)
+    server.create_task(ECHO, {"n": 1})
+    stats_task = server.create_task(STATS, {"n": 1})
 
     async def scenario() -> list[ClaimedTask | None]:
         tasks = source(server)
@@ -249,9 +262,9 @@ def test_claim_only_tries_the_types_it_is_asked_for(server: PrismQServer) -> Non
     assert server.task(1).status == "pending"
 
 
-def test_claimed_task_has_string_ids_params_and_attempt(server: PrismQServer) -> None:
-    odd = server.create_task(ECHO, {"text": "one"})  # the server answers its id as an int
-    even = server.create_task(ECHO, {"text": "two"})  # ... and this one as a string
+def test_claimed_task_has_string_ids_params_attempt_and_the_attempt_limit(server: PrismQServer) -> None:
+    odd = server.create_task(ECHO, {"text": "one"})  # the server answers ids as strings here ...
+    even = server.create_task(ECHO, {"text": "two"})  # ... and as integers in its claims
 
     async def scenario() -> list[ClaimedTask | None]:
         tasks = source(server)
@@ -260,14 +273,16 @@ def test_claimed_task_has_string_ids_params_and_attempt(server: PrismQServer) ->
         return claims
 
     first, second = run(scenario())
-    assert first == ClaimedTask(id=odd, type=ECHO, params={"text": "one"}, attempt=1)
-    assert second == ClaimedTask(id=even, type=ECHO, params={"text": "two"}, attempt=1)
+    # max_attempts: [task_manager] max_attempts, the server's MAX_TASK_ATTEMPTS (3 by default).
+    assert first == ClaimedTask(id=odd, type=ECHO, params={"text": "one"}, attempt=1, max_attempts=3)
+    assert second == ClaimedTask(id=even, type=ECHO, params={"text": "two"}, attempt=1, max_attempts=3)
     assert (odd, even) == ("1", "2")
     assert isinstance(first.id, str) and isinstance(second.id, str)
+    assert [type(r.answer["data"]["id"]) for r in server.calls("POST", "/tasks/claim")] == [int, int]
 
 
 def test_a_task_whose_params_are_not_an_object_is_failed_on_the_server(server: PrismQServer) -> None:
-    bad = server.create_task(ECHO, ["not", "an", "object"])
+    bad = server.put_task(ECHO, ["not", "an", "object"])  # the API refuses it; the database may still hold it
     good = server.create_task(STATS, {"text": "fine"})
 
     async def scenario() -> ClaimedTask | None:
@@ -300,7 +315,7 @@ def test_complete_sends_success_and_the_result(server: PrismQServer) -> None:
     state = server.task(task_id)
     assert state.status == "completed"
     assert state.result == {"words": 2}
-    assert state.completions == [{"worker_id": HOST, "success": True, "result": {"words": 2}}]
+    assert state.completions == [{"worker_id": f"{HOST}#1", "success": True, "result": {"words": 2}}]
 
 
 def test_fail_is_re_queued_by_the_server_until_its_limit(server: PrismQServer) -> None:
@@ -327,11 +342,13 @@ def test_fail_is_re_queued_by_the_server_until_its_limit(server: PrismQServer) -
     state = server.task(task_id)
     assert state.attempts == 3
     assert [c["error"] for c in state.completions] == ["Busy: try later", "ValueError: bad text", "Busy: try later"]
-    assert all(c["success"] is False and c["worker_id"] == HOST for c in state.completions)
+    assert all(c["success"] is False and c["worker_id"] == f"{HOST}#1" for c in state.completions)
+    # The server keeps a re-queued task's error_message and completed_at until its next report.
+    assert state.error == "Busy: try later" and state.completed_at is not None
 
 
 def test_fail_without_error_info_names_the_status(server: PrismQServer) -> None:
-    task_id = server.create_task(ECHO)
+    task_id = server.create_task(ECHO, {"text": "hi"})
 
     async def scenario() -> None:
         tasks = source(server)
@@ -345,7 +362,7 @@ def test_fail_without_error_info_names_the_status(server: PrismQServer) -> None:
 
 
 def test_progress_is_recorded_and_clamped(server: PrismQServer) -> None:
-    task_id = server.create_task(ECHO)
+    task_id = server.create_task(ECHO, {"text": "hi"})
 
     async def scenario() -> list[tuple[int | None, str | None]]:
         tasks = source(server)
@@ -362,8 +379,8 @@ def test_progress_is_recorded_and_clamped(server: PrismQServer) -> None:
     assert run(scenario()) == [(42, "step 2 of 5"), (100, None)]
     bodies = [r.body for r in server.calls("POST", f"/tasks/{task_id}/progress")]
     assert bodies == [
-        {"worker_id": HOST, "progress": 42, "message": "step 2 of 5"},
-        {"worker_id": HOST, "progress": 100},
+        {"worker_id": f"{HOST}#1", "progress": 42, "message": "step 2 of 5"},
+        {"worker_id": f"{HOST}#1", "progress": 100},
     ]
 
 
@@ -391,15 +408,15 @@ def test_complete_after_the_claim_expired_is_lease_lost() -> None:
 
     with PrismQServer(claim_timeout=0.5) as server:
         server.add_task_type(ECHO)
-        task_id = server.create_task(ECHO)
+        task_id = server.create_task(ECHO, {"text": "hi"})
         again = run(scenario(server))
         state = server.task(task_id)
     assert again is not None and again.id == task_id and again.attempt == 2
-    assert state.completions == [] and state.claims == [HOST, "host-2"]
+    assert state.completions == [] and state.claims == [f"{HOST}#1", "host-2#1"]
 
 
 def test_complete_after_another_host_settled_the_task_is_lease_lost(server: PrismQServer) -> None:
-    task_id = server.create_task(ECHO)
+    task_id = server.create_task(ECHO, {"text": "hi"})
 
     async def scenario() -> None:
         tasks = source(server)
@@ -417,7 +434,7 @@ def test_complete_after_another_host_settled_the_task_is_lease_lost(server: Pris
 
     run(scenario())
     assert server.task(task_id).status == "completed"
-    assert [c["worker_id"] for c in server.task(task_id).completions] == ["host-2"]
+    assert [c["worker_id"] for c in server.task(task_id).completions] == ["host-2#1"]
 
 
 def test_a_task_the_server_does_not_know_is_lease_lost(server: PrismQServer) -> None:
@@ -435,19 +452,21 @@ def test_a_task_the_server_does_not_know_is_lease_lost(server: PrismQServer) -> 
 
 @pytest.mark.parametrize("key", ["wrong-key", ""])
 def test_a_refused_api_key_is_source_unavailable_naming_the_setting(server: PrismQServer, key: str) -> None:
-    server.create_task(ECHO)
+    server.create_task(ECHO, {"text": "hi"})
 
     async def scenario() -> list[str]:
         tasks = HttpTaskSource(config(server.url, api_key=key), HOST, [ECHO])
         messages = []
-        for call in (tasks.start(), tasks.claim([ECHO])):
+        for call in (tasks.start(), tasks.claim([ECHO]), tasks.health()):
             with pytest.raises(SourceUnavailable) as caught:
                 await call
             messages.append(str(caught.value))
         await tasks.close()
         return messages
 
-    for message in run(scenario()):
+    messages = run(scenario())
+    assert len(messages) == 3  # health too: it asks with the key
+    for message in messages:
         assert "[task_manager] api_key" in message and "401" in message
         assert ("refused the API key" if key else "none is set") in message
     assert server.task(1).status == "pending"
@@ -457,14 +476,14 @@ def test_a_refused_api_key_is_source_unavailable_naming_the_setting(server: Pris
     ("fault", "says"),
     [
         ("503", "HTTP 503 with a body that is not JSON"),
-        ("500", "HTTP 500: SQLSTATE"),
+        ("500", "HTTP 500: Internal server error"),
         ("garbage", "HTTP 200 with a body that is not JSON"),
         ("drop", "RemoteProtocolError"),
         ("hang", "no answer to POST within request_timeout (0.2s)"),
     ],
 )
 def test_faults_of_the_server_are_source_unavailable(server: PrismQServer, fault: str, says: str) -> None:
-    server.create_task(ECHO)
+    server.create_task(ECHO, {"text": "hi"})
 
     async def scenario() -> list[SourceUnavailable]:
         tasks = source(server, [ECHO], request_timeout=0.2)
@@ -523,18 +542,20 @@ def test_a_register_the_server_refuses_is_source_unavailable_with_its_details(
 # -- health, the no-ops, closing ------------------------------------------------
 
 
-def test_health_answers_without_the_api_key(server: PrismQServer) -> None:
+def test_health_asks_with_the_api_key(server: PrismQServer) -> None:
     async def scenario() -> dict[str, Any]:
-        tasks = source(server, [ECHO, "PrismQ.Unknown"], api_key="wrong-key")
+        tasks = source(server, [ECHO, "PrismQ.Unknown"])
         health = await tasks.health()
         await tasks.close()
         return health
 
     health = run(scenario())
     assert health["type"] == "http" and health["url"] == server.url
-    assert health["reachable"] is True and health["status"] == "healthy"
-    assert health["worker_id"] == HOST
-    assert server.calls("GET", "/health")[0].api_key is None
+    assert health["reachable"] is True
+    assert health["worker_id"] == HOST and health["max_attempts"] == 3
+    # The server's own /health needs no key, so it cannot tell a wrong key: a lookup that needs it.
+    [probe] = server.requests
+    assert (probe.method, probe.path, probe.api_key, probe.status) == ("GET", f"/task-types/{ECHO}", API_KEY, 200)
 
 
 def test_health_reports_resolved_types(server: PrismQServer) -> None:
@@ -550,12 +571,13 @@ def test_health_reports_resolved_types(server: PrismQServer) -> None:
     assert health["unknown_task_types"] == ["PrismQ.Unknown"]
 
 
-def test_health_of_an_unhealthy_server_is_source_unavailable(server: PrismQServer) -> None:
-    server.fault = "503"
+@pytest.mark.parametrize(("fault", "says"), [("503", "GET answered HTTP 503"), ("500", "Internal server error")])
+def test_health_of_an_unhealthy_server_is_source_unavailable(server: PrismQServer, fault: str, says: str) -> None:
+    server.fault = fault  # type: ignore[assignment]
 
     async def scenario() -> None:
         tasks = source(server)
-        with pytest.raises(SourceUnavailable, match="GET answered HTTP 503"):
+        with pytest.raises(SourceUnavailable, match=says):
             await tasks.health()
         await tasks.close()
 
@@ -565,7 +587,7 @@ def test_health_of_an_unhealthy_server_is_source_unavailable(server: PrismQServe
 def test_renew_release_and_recover_do_not_call_the_server_and_the_source_says_so(
     server: PrismQServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    task_id = server.create_task(ECHO)
+    task_id = server.create_task(ECHO, {"text": "hi"})
 
     async def scenario() -> None:
         tasks = source(server)
@@ -576,10 +598,14 @@ def test_renew_release_and_recover_do_not_call_the_server_and_the_source_says_so
         await tasks.release(claimed)
         await tasks.recover(HeldTask(claimed.id, "dead-host", 1))
         assert len(server.requests) == before
-        # What the host reads instead of calling them: no renewal, no registry, retries its own.
+        # What the host reads instead of calling them: no renewal, no registry, retries its own
+        # up to an attempt limit that each claim names, and a report is taken for claim_timeout.
         assert tasks.capabilities.renew_every is None
         assert not tasks.capabilities.registry
         assert tasks.capabilities.owns_retries and tasks.capabilities.progress
+        assert tasks.capabilities.knows_final_attempt and claimed.max_attempts == 3
+        assert tasks.capabilities.claim_timeout == 60
+        assert tasks.claims == []  # release freed the claim's worker id
         await tasks.close()
 
     with caplog.at_level(logging.INFO, logger="runner.sources.http"):
@@ -631,7 +657,7 @@ def test_the_test_server_claim_timeout_is_real() -> None:
     # The expiry tests above rely on it: a claim older than claim_timeout can be taken again.
     with PrismQServer(claim_timeout=0.2) as server:
         server.add_task_type(ECHO)
-        task_id = server.create_task(ECHO)
+        task_id = server.create_task(ECHO, {"text": "hi"})
         type_id = tid(server, ECHO)
         body = {"worker_id": "a", "task_type_id": type_id}
         assert server.handle("POST", "/tasks/claim", body, API_KEY)[0] == 200
@@ -655,3 +681,403 @@ def test_the_fixture_serves_an_api_that_the_source_can_use(prismq_server: PrismQ
     run(scenario())
     assert prismq_server.task(task_id).status == "completed"
     assert prismq_server.claim_timeout == 300.0
+
+
+# -- one worker id per claim (issue 10, item 1) ----------------------------------
+
+
+def test_each_claim_has_its_own_worker_id_so_a_late_report_cannot_pass_for_the_next_claims() -> None:
+    # Attempt 1's claim expires while it still runs and this same host claims the task again:
+    # with one worker id for both, the server took attempt 1's late report for attempt 2's.
+    async def scenario(server: PrismQServer) -> tuple[ClaimedTask, ClaimedTask, list[str]]:
+        tasks = source(server, [ECHO], claim_timeout=0.5)
+        first = await tasks.claim([ECHO])
+        assert first is not None
+        await asyncio.sleep(0.6)  # past the server's claim timeout, for real
+        second = await tasks.claim([ECHO])
+        assert second is not None and second.id == first.id
+        held = tasks.claims
+        with pytest.raises(LeaseLost, match="HTTP 403"):
+            await tasks.complete(first, COMPLETED)  # the late report of attempt 1
+        await tasks.complete(second, Finished(Outcome(Status.COMPLETED, result={"attempt": 2}), worker="echo"))
+        await tasks.close()
+        return first, second, held
+
+    with PrismQServer(claim_timeout=0.5) as server:
+        server.add_task_type(ECHO)
+        task_id = server.create_task(ECHO, {"text": "hi"})
+        first, second, held = run(scenario(server))
+        state = server.task(task_id)
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert held == [f"{HOST}#1", f"{HOST}#2"]
+    assert state.claims == [f"{HOST}#1", f"{HOST}#2"]
+    assert state.status == "completed" and state.result == {"attempt": 2}
+    assert [c["worker_id"] for c in state.completions] == [f"{HOST}#2"]
+
+
+def test_a_settled_claim_frees_its_worker_id_for_the_next_claim(server: PrismQServer) -> None:
+    for n in range(3):
+        server.create_task(ECHO, {"n": n})
+
+    async def scenario() -> list[str | None]:
+        tasks = source(server, [ECHO])
+        one, two = await tasks.claim([ECHO]), await tasks.claim([ECHO])
+        assert one is not None and two is not None
+        await tasks.fail(one, RETRIABLE, None)  # frees #1; #2 is still held
+        three = await tasks.claim([ECHO])
+        assert three is not None
+        await tasks.complete(two, COMPLETED)
+        await tasks.release(three)
+        await tasks.close()
+        return [server.task(t.id).claims[-1] for t in (one, two, three)] + [str(tasks.claims)]
+
+    assert run(scenario()) == [f"{HOST}#1", f"{HOST}#2", f"{HOST}#1", "[]"]
+
+
+def test_two_claims_under_one_worker_id_make_the_current_report_lease_lost() -> None:
+    # The double claim as the real server showed it: two claimers with one worker id (two hosts
+    # configured with the same worker_id); the late report is taken and the current one gets 400.
+    async def scenario(server: PrismQServer) -> None:
+        late = HttpTaskSource(config(server.url, worker_id="same"), "host-a", [ECHO])
+        current = HttpTaskSource(config(server.url, worker_id="same"), "host-b", [ECHO])
+        first = await late.claim([ECHO])
+        await asyncio.sleep(0.6)
+        second = await current.claim([ECHO])
+        assert first is not None and second is not None
+        await late.complete(first, COMPLETED)
+        with pytest.raises(LeaseLost, match="HTTP 400: Task is not in claimed state"):
+            await current.complete(second, COMPLETED)
+        assert current.claims == []  # a lost claim is settled too
+        await late.close()
+        await current.close()
+
+    with PrismQServer(claim_timeout=0.5) as server:
+        server.add_task_type(ECHO)
+        server.create_task(ECHO, {"text": "hi"})
+        run(scenario(server))
+
+
+# -- the attempt limit, and what the host makes of it (items 2 and 3) --------------
+
+
+def test_claims_carry_the_configured_attempt_limit(server: PrismQServer) -> None:
+    server.create_task(ECHO, {"text": "hi"})
+
+    async def scenario() -> ClaimedTask | None:
+        tasks = source(server, [ECHO], max_attempts=5)
+        claimed = await tasks.claim([ECHO])
+        await tasks.close()
+        return claimed
+
+    claimed = run(scenario())
+    assert claimed is not None and claimed.max_attempts == 5
+    assert HttpSource(type="http", url="http://tm/api").max_attempts == 3  # the server's MAX_TASK_ATTEMPTS
+
+
+def test_a_task_that_fails_every_attempt_keeps_one_correlation_id_and_trace_and_ends_once_in_the_metrics(
+    server: PrismQServer,
+) -> None:
+    task_id = server.create_task(ECHO, {"exit": 1})  # the fake runner fails every attempt (retriable)
+    runner, metrics = FakeRunner(), Metrics()
+
+    drive(make_config(worker_toml("echo", [ECHO])), source(server, [ECHO]), runner, hooks=Hooks([metrics]))  # type: ignore[arg-type]
+
+    envelopes = runner.envelopes(task_id)
+    assert [e.attempt for e in envelopes] == [1, 2, 3]  # the server's limit, not the worker's max_retries
+    assert server.task(task_id).status == "failed"
+    assert len({e.correlation_id for e in envelopes}) == 1
+    assert len({trace_id_of(e.traceparent) for e in envelopes}) == 1
+    assert None not in {trace_id_of(e.traceparent) for e in envelopes}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in metrics.registry.collect() for s in f.samples
+    }
+    assert samples[("workerhost_tasks_total", (("outcome", "failed"), ("worker", "echo")))] == 1
+    assert samples[("workerhost_retries_total", (("worker", "echo"),))] == 2
+
+
+# -- health from an authenticated call (item 5) ---------------------------------
+
+
+def test_health_with_a_wrong_api_key_says_unreachable_with_the_401(server: PrismQServer) -> None:
+    cfg = loads(
+        f'[host]\nid = "{HOST}"\n[task_manager]\ntype = "http"\nurl = "{server.url}"\napi_key = "wrong-key"\n'
+        f'[[workers]]\nname = "echo"\nimage = "i"\ntask_types = ["{ECHO}"]\n',
+        environ={},
+    )
+    host = Host(cfg, HttpTaskSource(cfg.task_manager, HOST, cfg.task_types()), FakeRunner(), owner="test:1:x")  # type: ignore[arg-type]
+    host.alive = True
+    with TestClient(create_app(host, Metrics(), None)) as client:
+        body = client.get("/health").json()
+    assert body["status"] == "degraded"
+    assert body["source"]["reachable"] is False
+    assert "refused the API key (HTTP 401" in body["source"]["error"]
+    assert "[task_manager] api_key" in body["source"]["error"]
+
+
+def test_a_health_answer_is_reused_for_a_few_seconds(server: PrismQServer) -> None:
+    async def scenario() -> None:
+        tasks = source(server, [ECHO])
+        for _ in range(5):
+            await tasks.health()
+        await tasks.close()
+
+    run(scenario())
+    assert len(server.requests) == 1  # a monitor polling /health does not spend the request budget
+
+
+# -- the request budget and 429 (item 6) -----------------------------------------
+
+
+def test_an_idle_host_stays_within_the_servers_rate_limit_and_still_claims_a_new_task() -> None:
+    # Six types and a host that polls as fast as it may: before, it sent every type's claim at
+    # every poll, reached the server's 100 a minute in seconds and got 429s.
+    names = [f"PrismQ.Idle{i}" for i in range(6)]
+    with PrismQServer(rate_limit=100) as server:
+        for name in names:
+            server.add_task_type(name)
+        tasks = HttpTaskSource(config(server.url, max_requests_per_minute=600), HOST, names)
+        runner = FakeRunner()
+        late: list[str] = []
+        times: list[float] = []
+
+        async def submit_later(host: Host) -> None:
+            times.append(time.monotonic())
+            await asyncio.sleep(1.5)
+            late.append(server.create_task(names[3], {"text": "late"}))
+            # Six types polled in turn, one every 0.2 s: the late task is claimed within about 1.2 s.
+            await until(lambda: runner.started(late[0]), timeout=3.0, what="the late task to be claimed")
+            times.append(time.monotonic())
+            host.stop()
+
+        workers = [worker_toml(f"w{i}", [name]) for i, name in enumerate(names)]
+        drive(make_config(*workers, poll_max="10ms"), tasks, runner, burst=False, during=submit_later)  # type: ignore[arg-type]
+        requests = list(server.requests)
+    assert [r for r in requests if r.status == 429] == []
+    claims = [r for r in requests if r.path == "/tasks/claim"]
+    # 600 a minute is 10 a second; idle polls take half of it: 5 a second, one type each (plus
+    # a round of every type at the start and after the late task was claimed).
+    assert len(claims) <= 2 * 6 + 5 * (times[1] - times[0] + 0.5)
+
+
+def test_the_budget_bounds_claims_and_progress_but_never_reports(server: PrismQServer) -> None:
+    server.create_task(ECHO, {"text": "hi"})
+
+    async def scenario() -> list[ClaimedTask | None]:
+        tasks = source(server, [ECHO, STATS, TAGS], max_requests_per_minute=5)
+        await tasks.start()  # 3 lookups
+        claimed = await tasks.claim([ECHO])  # 4
+        assert claimed is not None
+        await tasks.progress(claimed, 10)  # 5: the budget is spent
+        await tasks.progress(claimed, 20)  # not sent
+        nothing = [await tasks.claim([STATS, TAGS]) for _ in range(3)]  # not sent
+        await tasks.complete(claimed, COMPLETED)  # a report is sent all the same
+        await tasks.close()
+        return nothing
+
+    assert run(scenario()) == [None, None, None]
+    assert [(r.method, r.path.rsplit("/", 1)[-1]) for r in server.requests][3:] == [
+        ("POST", "claim"),
+        ("POST", "progress"),
+        ("POST", "complete"),
+    ]
+    assert server.task(1).status == "completed" and server.task(1).progress == 10
+
+
+def test_an_idle_source_claims_one_type_per_call_round_robin(server: PrismQServer) -> None:
+    async def scenario() -> None:
+        tasks = source(server, [ECHO, STATS, TAGS], max_requests_per_minute=6000)  # an idle poll every 20 ms
+        await tasks.claim([ECHO, STATS, TAGS])  # finds nothing: every type once
+        for _ in range(4):
+            await asyncio.sleep(0.03)
+            await tasks.claim([ECHO, STATS, TAGS])
+        await tasks.close()
+
+    run(scenario())
+    echo, stats, tags = (tid(server, t) for t in (ECHO, STATS, TAGS))
+    assert claimed_type_ids(server) == [echo, stats, tags, echo, stats, tags, echo]
+
+
+def test_a_429_is_source_unavailable_with_the_wait_and_nothing_is_sent_until_then() -> None:
+    async def scenario(server: PrismQServer) -> list[SourceUnavailable]:
+        tasks = source(server, [ECHO])
+        await tasks.start()
+        errors = []
+        for call in (tasks.claim([ECHO]), tasks.claim([ECHO]), tasks.health()):
+            with pytest.raises(SourceUnavailable) as caught:
+                await call
+            errors.append(caught.value)
+        await tasks.close()
+        return errors
+
+    with PrismQServer(rate_limit=1) as server:
+        server.add_task_type(ECHO)
+        refused, blocked, health = run(scenario(server))
+        requests = list(server.requests)
+    assert [r.status for r in requests] == [200, 429]  # the blocked claim and the health check sent nothing
+    assert "HTTP 429" in str(refused) and "try again in" in str(refused)
+    assert refused.retry_after is not None and 55 <= refused.retry_after <= 60
+    assert blocked.retry_after is not None and blocked.retry_after <= refused.retry_after
+    assert "rate limiting" in str(blocked) and "rate limiting" in str(health)
+
+
+def test_a_429_with_retry_after_is_honoured() -> None:
+    async def scenario(server: PrismQServer) -> SourceUnavailable:
+        tasks = source(server, [ECHO])
+        await tasks.start()
+        with pytest.raises(SourceUnavailable) as caught:
+            await tasks.claim([ECHO])
+        await asyncio.sleep(1.05)  # past the wait: requests go out again
+        assert await tasks.claim([ECHO]) is None
+        await tasks.close()
+        return caught.value
+
+    with PrismQServer(rate_limit=1, rate_window=1.0, retry_after_header=True) as server:
+        server.add_task_type(ECHO)
+        refused = run(scenario(server))
+        statuses = [r.status for r in server.requests]
+    assert refused.retry_after == 1.0  # the header's (the message, too, says 1 second)
+    assert statuses == [200, 429, 500]  # then an empty queue
+
+
+@pytest.mark.parametrize(
+    ("header", "text", "expected"),
+    [
+        ("35", "", 35.0),
+        ("35", "try again in 10 seconds", 35.0),  # the header wins
+        (None, "Rate limit exceeded. Please try again in 35 seconds.", 35.0),
+        ("soon", "try again in 2 seconds", 2.0),
+        ("Wed, 21 Oct 2015 07:28:30 GMT", "", 30.0),
+        ("Wed, 21 Oct 2015 07:27:00 GMT", "", 0.0),  # in the past
+        ("99999999", "", 3600.0),  # bounded
+        (None, "Too Many Requests", None),
+    ],
+)
+def test_retry_after_reads_the_header_or_the_message(header: str | None, text: str, expected: float | None) -> None:
+    now = datetime(2015, 10, 21, 7, 28, tzinfo=UTC).timestamp()
+    assert retry_after(header, text, now=now) == expected
+
+
+def test_the_budget_counts_a_minute_of_requests() -> None:
+    clock = [0.0]
+    budget = RequestBudget(3, clock=lambda: clock[0])
+    for _ in range(3):
+        budget.spend()
+    assert budget.left() == 0
+    clock[0] = 59.9
+    assert budget.left() == 0
+    clock[0] = 60.0
+    assert budget.left() == 3
+    assert budget.poll() and not budget.poll()  # idle polls: one per 2 x 60 / 3 = 40 s
+    clock[0] = 100.0
+    assert budget.poll()
+
+
+# -- types registered later (item 7) ---------------------------------------------
+
+
+def test_a_type_registered_after_start_is_claimed_without_a_restart(
+    server: PrismQServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(http_source, "RESOLVE_EVERY", 0.3)
+
+    async def scenario() -> tuple[ClaimedTask | None, ClaimedTask | None, int]:
+        tasks = source(server, [ECHO, "PrismQ.Later"])
+        await tasks.start()
+        server.add_task_type("PrismQ.Later")
+        task_id = server.create_task("PrismQ.Later", {"text": "hi"})
+        soon = await tasks.claim(["PrismQ.Later"])  # not looked up again yet
+        lookups = len(server.calls("GET", "/task-types/PrismQ.Later"))
+        await asyncio.sleep(0.35)
+        later = await tasks.claim(["PrismQ.Later"])
+        await tasks.close()
+        assert later is None or later.id == task_id
+        return soon, later, lookups
+
+    soon, later, lookups = run(scenario())
+    assert soon is None and lookups == 1
+    assert later is not None and later.type == "PrismQ.Later"
+    assert len(server.calls("GET", "/task-types/PrismQ.Later")) == 2
+
+
+# -- names that need URL encoding (item 8) -----------------------------------------
+
+
+@pytest.mark.parametrize("name", ["H1 Space", "Café", "a/b", "50%", "x?y", ".."])
+def test_a_task_type_the_server_cannot_look_up_is_a_config_error_naming_it(name: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(repr(name))):
+        config("http://tm/api", task_types=[name, ECHO])
+    with pytest.raises(ConfigError, match=re.escape(repr(name))):
+        HttpTaskSource(config("http://tm/api"), HOST, [ECHO, name])
+
+
+def test_a_workers_task_type_the_server_cannot_look_up_is_a_config_error() -> None:
+    text = (
+        '[task_manager]\ntype = "http"\nurl = "http://tm/api"\n'
+        '[[workers]]\nname = "w"\nimage = "i"\ntask_types = ["H1 Space"]\n'
+    )
+    # Said when the config is read (validate, serve, doctor): the worker, the field and the name.
+    with pytest.raises(ConfigError, match=r"workers\[0\] \(w\)\.task_types: task type 'H1 Space' cannot be looked up"):
+        loads(text, environ={})
+
+
+def test_registering_never_overwrites_a_type_of_a_name_that_needs_encoding(server: PrismQServer) -> None:
+    # Before: GET /task-types/H1%20Space found nothing, and the type was registered over.
+    schema = {"type": "object", "required": ["text"]}
+    server.add_task_type("H1 Space", version="3.0.0", schema=schema)
+    with pytest.raises(ConfigError):
+        source(server, ["H1 Space"], register_task_types=True)
+    assert server.task_type("H1 Space") == {"id": 4, "name": "H1 Space", "version": "3.0.0", "param_schema": schema}
+    assert server.requests == []
+
+
+def test_a_name_with_reserved_characters_that_need_no_encoding_is_found_as_it_is(server: PrismQServer) -> None:
+    server.add_task_type("PrismQ:Tags(v2)")
+
+    async def scenario() -> dict[str, str]:
+        tasks = source(server, ["PrismQ:Tags(v2)"], register_task_types=True)
+        await tasks.start()
+        await tasks.close()
+        return tasks.type_ids
+
+    assert run(scenario()) == {"PrismQ:Tags(v2)": str(tid(server, "PrismQ:Tags(v2)"))}
+    assert [r.path for r in server.requests] == ["/task-types/PrismQ:Tags(v2)"]  # sent raw, not registered
+
+
+def test_a_register_that_replaced_a_type_is_logged_as_an_error(
+    server: PrismQServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Registered by someone else between the lookup and the register: the server says "updated".
+    async def not_found(self: HttpTaskSource, name: str) -> str | None:
+        return None
+
+    monkeypatch.setattr(HttpTaskSource, "_type_id", not_found)
+
+    async def scenario() -> None:
+        tasks = source(server, [ECHO], register_task_types=True)
+        await tasks.start()
+        await tasks.close()
+
+    with caplog.at_level(logging.ERROR, logger="runner.sources.http"):
+        run(scenario())
+    assert any("replaced a type of that name" in r.getMessage() for r in caplog.records)
+
+
+# -- the claim's validity (item 9) -------------------------------------------------
+
+
+def test_a_claim_says_when_it_was_made_and_the_source_how_long_it_is_valid(server: PrismQServer) -> None:
+    server.create_task(ECHO, {"text": "hi"})
+
+    async def scenario() -> tuple[float, ClaimedTask | None, float]:
+        tasks = source(server, [ECHO], claim_timeout=45)
+        await tasks.start()
+        before = time.monotonic()
+        claimed = await tasks.claim([ECHO])
+        after = time.monotonic()
+        assert tasks.capabilities.claim_timeout == 45
+        await tasks.close()
+        return before, claimed, after
+
+    before, claimed, after = run(scenario())
+    assert claimed is not None and before <= claimed.claimed_at <= after
+    assert claimed.receipt.worker_id == f"{HOST}#1"

@@ -396,12 +396,15 @@ def test_a_bad_task_manager_is_reported_and_the_workers_still_convert(
 
 def test_strings_reach_the_config_exactly(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     odd = 'Café ☕ "quoted" back\\slash tab\t del\x7f $HOME ${HOME} $$ 😀'
-    old = write_old(root, [good(odd, task_types=[odd, "T"])], task_manager={"url": "http://x/${HOME}", "api_key": odd})
+    plain = "T.$&'()*+,;=:@!~"  # odd, but a PrismQ TaskManager can look it up as it is
+    old = write_old(
+        root, [good(odd, task_types=[plain, "T"])], task_manager={"url": "http://x/${HOME}", "api_key": odd}
+    )
     code, _, err = import_config(capsys, old, root / "out")
     assert code == 0, err
     config = load(root / "out" / "workerhost.toml", environ={"HOME": "/substituted"})
     assert config.workers[0].name == odd
-    assert config.workers[0].task_types == [odd, "T"]
+    assert config.workers[0].task_types == [plain, "T"]
     assert config.task_manager.type == "http"
     # The task manager's ${VAR} stay references, read as the old host read them; every other $ is itself.
     substituted = odd.replace("${HOME}", "/substituted")
@@ -1316,3 +1319,13 @@ def test_a_protocol_main_that_does_not_import_fails_by_the_sdk_rules(tmp_path: P
     done = run_raw(entry_with(tmp_path, "import no_such_module\n\ndef main():\n    pass\n"), {})
     assert done.returncode == 2
     assert json.loads(done.stdout)["error"]["type"] == "ModuleNotFoundError"
+
+
+def test_a_task_type_the_task_manager_cannot_look_up_is_that_workers_problem(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = write_old(root, [good("Spaced", task_types=["H1 Space"]), good("Fine", task_types=["T"])])
+    code, _, err = import_config(capsys, old, root / "out")
+    assert code == 1  # some workers failed; the others still convert
+    assert "workers[0] (Spaced).task_types: task type 'H1 Space' cannot be looked up" in err
+    assert [w.name for w in load(root / "out" / "workerhost.toml", environ={}).workers] == ["Fine"]
