@@ -33,8 +33,7 @@ from runner.auth import Guard, public_health, shows_details
 from runner.config import Config
 from runner.errors import EngineError
 from runner.host import Host
-from runner.sources import SourceUnavailable
-from runner.sources.embedded import EmbeddedQueue
+from runner.sources import NotKept, SourceUnavailable, TaskStore
 from runner.telemetry import context, events
 from runner.telemetry.metrics import Metrics
 
@@ -164,7 +163,7 @@ class ApiError(Exception):
 router = APIRouter()
 
 
-def create_app(host: Host, metrics: Metrics, queue: EmbeddedQueue | None) -> FastAPI:
+def create_app(host: Host, metrics: Metrics, queue: TaskStore | None) -> FastAPI:
     """The API for one host; ``queue`` is None when tasks live in another system (PrismQ)."""
     app = FastAPI(
         title="workerhost",
@@ -274,8 +273,8 @@ def _host(request: Request) -> Host:
     return host
 
 
-def _queue(request: Request) -> EmbeddedQueue:
-    queue: EmbeddedQueue | None = request.app.state.queue
+def _queue(request: Request) -> TaskStore:
+    queue: TaskStore | None = request.app.state.queue
     if queue is None:
         kind = request.app.state.host.config.task_manager.type
         raise ApiError(501, f"tasks live in the {kind} task manager; submit them there")
@@ -283,15 +282,18 @@ def _queue(request: Request) -> EmbeddedQueue:
 
 
 HostDep = Annotated[Host, Depends(_host)]
-QueueDep = Annotated[EmbeddedQueue, Depends(_queue)]
+QueueDep = Annotated[TaskStore, Depends(_queue)]
 
 
 async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """A queue call, off the event loop; the queue being unavailable is a 503."""
+    """A queue call, off the event loop; the queue being unavailable is a 503, a question it does not
+    keep the answer to (a broker that only carries tasks) a 501 that says where the answer is."""
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
     except SourceUnavailable as exc:
         raise ApiError(503, str(exc)) from None
+    except NotKept as exc:
+        raise ApiError(501, str(exc)) from None
 
 
 # -- tasks ------------------------------------------------------------------------------
@@ -450,7 +452,7 @@ async def worker_health(name: str, host: HostDep) -> dict[str, Any]:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics_text(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
-    queue: EmbeddedQueue | None = request.app.state.queue
+    queue: TaskStore | None = request.app.state.queue
     if queue is not None:
         try:
             counts = await asyncio.to_thread(queue.counts)

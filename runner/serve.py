@@ -27,7 +27,7 @@ from runner.doctor import require_runtimes, warn_opt_ins
 from runner.errors import EngineError, WorkerhostError
 from runner.host import Host
 from runner.owners import new_owner
-from runner.sources import TaskSource
+from runner.sources import TaskSource, TaskStore
 from runner.sources.embedded import EmbeddedQueue
 from runner.telemetry.events import Hook, Hooks, log_hook
 from runner.telemetry.metrics import Metrics
@@ -36,8 +36,9 @@ from runner.telemetry.tracing import Tracing
 log = logging.getLogger(__name__)
 
 
-def open_source(config: Config, owner: str) -> tuple[TaskSource, EmbeddedQueue | None]:
-    """The configured task source, and the embedded queue when that is what it is."""
+def open_source(config: Config, owner: str) -> tuple[TaskSource, TaskStore | None]:
+    """The configured task source, and what the API submits to and reads from (None: the tasks live
+    in another system, PrismQ's TaskManager)."""
     manager = config.task_manager
     if manager.type == "embedded":
         queue = EmbeddedQueue(manager.path, owner=owner, lease=manager.lease, retention=manager.retention)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from runner.errors import WorkerhostError
 from runner.protocol import Outcome
@@ -38,6 +38,39 @@ class SourceUnavailable(WorkerhostError):
 
 class LeaseLost(WorkerhostError):
     """The task is no longer this host's (its lease expired and it moved on)."""
+
+
+class NotKept(WorkerhostError):
+    """The source does not keep what was asked for (a broker that only carries tasks): the API
+    answers 501 with this message, which says where the answer is instead."""
+
+
+class TaskStore(Protocol):
+    """What the HTTP API needs of a source: the embedded queue and Redis keep tasks and answer all
+    of it; a source that only carries tasks (AMQP) submits and raises ``NotKept`` for the rest.
+
+    Calls are synchronous and short; the API runs them in a thread. ``SourceUnavailable`` is a 503.
+    """
+
+    def submit(
+        self, task_type: str, params: dict[str, Any], max_attempts: int, priority: int = 0,
+        idempotency_key: str | None = None, correlation_id: str | None = None, traceparent: str | None = None,
+        task_id: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:  # fmt: skip
+        """Store (or publish) a task; returns it as the API shows it, and whether it is new."""
+        ...
+
+    def get(self, task_id: str) -> dict[str, Any] | None: ...
+
+    def page(
+        self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None
+    ) -> tuple[list[dict[str, Any]], bool]: ...
+
+    def retry(self, task_id: str, max_attempts: int | None = None) -> dict[str, Any] | None: ...
+
+    def delete(self, task_id: str) -> tuple[bool, str | None]: ...
+
+    def counts(self) -> dict[str, int]: ...
 
 
 @dataclass(frozen=True)
