@@ -245,6 +245,95 @@ class HttpSource(_Section):
         return value
 
 
+class RedisSource(_Section):
+    """``[task_manager] type = "redis"``: a queue kept in Redis (6.2 or later), shared by many hosts.
+
+    The password and TLS go through the URL: ``redis://:secret@host:6379/0``, ``rediss://...``.
+    The URL is a secret (it may hold a password): logs and errors show it without the password.
+    """
+
+    type: Literal["redis"]
+    url: SecretStr
+    prefix: str = Field(default="workerhost", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:{}-]+$")
+    lease: Duration = 30.0  # a claim's lease; renewed while the container runs, taken over past it
+    retention: Duration = 7 * 86400.0  # finished tasks (completed, failed, dead) are deleted this long after
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_is_a_string(cls, data: Any) -> Any:
+        # Checked on the whole section, so that the message cannot quote the URL (it may hold a password).
+        if isinstance(data, dict) and not isinstance(data.get("url", ""), str):
+            raise ValueError('url: expected a string like "redis://host:6379/0" (the value is not shown)')
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        from urllib.parse import urlsplit
+
+        text = value.get_secret_value()
+        try:
+            parts = urlsplit(text)
+            parts.port  # noqa: B018 (raises for a port that is not a number)
+        except ValueError as exc:
+            raise ValueError(f"not a Redis URL ({exc}); expected redis://[:password@]host[:port][/db]") from None
+        if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
+            raise ValueError("expected redis://[:password@]host[:port][/db], rediss://... or unix:///path")
+        return value
+
+    @field_validator("lease")
+    @classmethod
+    def _lease(cls, value: float) -> float:
+        if value < 1.0:
+            raise ValueError("a Redis lease is at least 1s (Redis counts idle time in milliseconds)")
+        return value
+
+
+class AmqpSource(_Section):
+    """``[task_manager] type = "amqp"``: RabbitMQ (AMQP 0-9-1), for systems that already publish tasks there.
+
+    The broker carries tasks and keeps no record of them (runner/sources/amqp.py, README "RabbitMQ
+    (AMQP)"). The URL is a secret (it may hold a password): logs and errors show it without the password.
+    """
+
+    type: Literal["amqp"]
+    url: SecretStr  # amqp://user:password@host:5672/vhost, amqps://...
+    queues: dict[str, str] = Field(default_factory=dict)  # task type -> queue name; default: the type's name
+    results_exchange: str = Field(default="", max_length=255)  # a durable topic exchange; results go there too
+    # A message the broker delivers again (its host died, lost the broker, or drained) waits this long
+    # before it runs again, so that a container a dead host left running has ended first.
+    redelivery_delay: Duration = 30.0
+    connect_timeout: Duration = 10.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _amqp_url(cls, data: Any) -> Any:
+        # Checked on the whole section, so that the message cannot quote the URL (it may hold a password).
+        if not isinstance(data, dict) or "url" not in data:
+            return data
+        from urllib.parse import urlsplit
+
+        expected = "expected amqp://user:password@host[:port][/vhost] or amqps://... (the value is not shown)"
+        if not isinstance(data["url"], str):
+            raise ValueError(f"url: {expected}")
+        try:
+            parts = urlsplit(data["url"])
+            parts.port  # noqa: B018 (raises for a port that is not a number)
+        except ValueError:
+            raise ValueError(f"url: not an AMQP URL; {expected}") from None
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError(f"url: {expected}")
+        return data
+
+    @field_validator("queues")
+    @classmethod
+    def _queue_names(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = [f"{k!r} -> {v!r}" for k, v in value.items() if not v or len(v.encode()) > 200]
+        if bad:
+            raise ValueError(f"queue names are 1-200 bytes (got {', '.join(bad)})")
+        return value
+
+
 class TelemetryConfig(_Section):
     """``[telemetry]``: where traces go (empty endpoint: nowhere, at no cost)."""
 
@@ -589,7 +678,9 @@ class Config(_Section):
     """The whole configuration, as loaded from one file."""
 
     host: HostConfig = Field(default_factory=HostConfig)
-    task_manager: EmbeddedSource | HttpSource = Field(default_factory=EmbeddedSource, discriminator="type")
+    task_manager: EmbeddedSource | HttpSource | RedisSource | AmqpSource = Field(
+        default_factory=EmbeddedSource, discriminator="type"
+    )
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     workers: list[WorkerConfig] = Field(default_factory=list)
     source: str = Field(default=DEFAULT_PATH, exclude=True)
@@ -709,7 +800,7 @@ def _where(loc: tuple[str | int, ...], raw: dict[str, Any]) -> str:
 
 def _loc(error: Any) -> tuple[str | int, ...]:
     loc = tuple(error["loc"])
-    if loc[:1] == ("task_manager",) and loc[1:2] in (("embedded",), ("http",)):
+    if loc[:1] == ("task_manager",) and loc[1:2] in (("embedded",), ("http",), ("redis",), ("amqp",)):
         loc = loc[:1] + loc[2:]  # the union's tag is not a place in the file
     return loc
 
@@ -724,10 +815,16 @@ def _describe(error: Any, raw: dict[str, Any], source: str) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if kind == "union_tag_invalid":
         tag = (error.get("ctx") or {}).get("tag")
-        message = f"unknown type {tag!r}; expected one of: embedded, http"
+        message = f"unknown type {tag!r}; expected one of: embedded, http, redis, amqp"
     if isinstance(error.get("input"), dict):  # a rule about several fields: the message names them
         return f"{source}: {_where(loc, raw)}: {message}"
+    if _SECRET_KEYS.intersection(str(part) for part in loc):  # a URL with a password, a key, a token
+        return f"{source}: {_where(loc, raw)}: {message} (the value is not shown: it may hold a secret)"
     return f"{source}: {_where(loc, raw)}: {message} (got {error.get('input')!r})"
+
+
+# Keys whose values are never quoted in an error: they may hold a password, a key or a token.
+_SECRET_KEYS = frozenset({"url", "api_key", "api_token", "api_tokens", "password", "env"})
 
 
 def _unreachable_names(data: dict[str, Any], source: str) -> list[str]:

@@ -43,6 +43,17 @@ def open_source(config: Config, owner: str) -> tuple[TaskSource, TaskStore | Non
     if manager.type == "embedded":
         queue = EmbeddedQueue(manager.path, owner=owner, lease=manager.lease, retention=manager.retention)
         return queue, queue
+    if manager.type == "amqp":  # the broker carries tasks: the API publishes, and answers 501 for the rest
+        from runner.sources.amqp import AmqpTaskSource
+
+        broker = AmqpTaskSource(manager, config.workers)
+        return broker, broker
+    if manager.type == "redis":  # a whole queue shared by many hosts: the API answers all of it
+        from runner.sources.redis import RedisQueue
+
+        shared = RedisQueue(manager.url.get_secret_value(), owner=owner, prefix=manager.prefix,
+                            lease=manager.lease, retention=manager.retention)  # fmt: skip
+        return shared, shared
     from runner.sources.http import HttpTaskSource, check_timeouts, param_schemas
 
     for warning in check_timeouts(manager, config.workers):

@@ -50,11 +50,17 @@ class Service:
 
 
 @contextmanager
-def service(image: str, port: int, labels: dict[str, str], timeout: float = 60.0) -> Iterator[Service]:
-    """Run ``image`` with ``port`` published on loopback until the block ends."""
+def service(
+    image: str, port: int, labels: dict[str, str], timeout: float = 60.0, host_port: int | None = None
+) -> Iterator[Service]:
+    """Run ``image`` with ``port`` published on loopback until the block ends (on ``host_port`` when
+    given: the engine may publish on another port after a restart, and clients keep their URL)."""
     from testcontainers.core.container import DockerContainer
 
-    container = DockerContainer(image).with_bind_ports(port, None)
+    container = DockerContainer(image)
+    # Published on loopback only, so that nothing outside this machine reaches a test's broker
+    # (testcontainers' with_bind_ports takes no address; docker-py's port map does).
+    container.ports = {f"{port}/tcp": ("127.0.0.1", host_port)}
     container = container.with_kwargs(labels=labels)
     container.start()
     try:

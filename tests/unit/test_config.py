@@ -882,3 +882,9 @@ task_types = ["Fine.Name", "H1 Space"]
     assert problem.startswith("x.toml: workers[0] (spaced).task_types: task type 'H1 Space' cannot be looked up")
     embedded = text.replace('type = "http"\nurl = "http://taskmanager.invalid/api"', 'type = "embedded"')
     assert loads(embedded, environ={}).task_types() == ["Fine.Name", "H1 Space"]  # only the server cares
+
+
+def test_the_redis_example_config_is_valid() -> None:
+    config = load(SHIPPED.parent / "examples" / "redis" / "workerhost.toml", environ={"WORKERHOST_API_TOKEN": "t" * 32})
+    assert config.task_manager.type == "redis"
+    assert [w.name for w in config.workers] == [w.name for w in load(SHIPPED, environ={}).workers]

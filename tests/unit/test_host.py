@@ -1124,7 +1124,9 @@ def test_the_lease_is_renewed_while_the_container_runs() -> None:
 
     renewals = source.named("renew")
     assert len(renewals) >= 3
-    assert all(c.at < runner.runs[0].end for c in renewals)  # only while it ran
+    [completed] = source.completes("t-1")
+    assert all(c.at < completed.at for c in renewals)  # only while the task was held (run, then report)
+    assert sum(c.at < runner.runs[0].end for c in renewals) >= 3  # and all along the run
     assert source.status("t-1") == "completed"
     assert events.SOURCE_DOWN not in recorder.names(None)
 
