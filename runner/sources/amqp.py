@@ -483,7 +483,11 @@ class AmqpTaskSource(TaskSource):
                 await self._ensure()
             except SourceUnavailable as exc:
                 log.info("RabbitMQ not back yet (try %d): %s", tries, exc)
-            except ConfigError:
+            except ConfigError as exc:  # refused credentials: the host's claims say so; stop trying here
+                log.error("RabbitMQ at %s: %s; not reconnecting in the background", self.url, exc)
+                return
+            except Exception:  # a bug: said once, and the host's next claim tries again
+                log.exception("RabbitMQ at %s: reconnecting failed; the next claim tries again", self.url)
                 return
 
     async def _connect(self) -> None:

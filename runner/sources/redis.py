@@ -31,6 +31,7 @@ credentials say to check ``[task_manager] url``.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
@@ -58,6 +59,8 @@ from runner.sources import (
 )
 from runner.sources import redis_scripts as lua
 from runner.telemetry import context
+
+log = logging.getLogger(__name__)
 
 STATUSES = lua.STATUSES
 # What a summary reads: everything but the params, the result and the stderr tail.
@@ -332,8 +335,8 @@ class RedisQueue(TaskSource):
         try:
             await self._aio.aclose()
             self._sync.close()
-        except RedisError:
-            pass
+        except RedisError as exc:  # closing a connection that is already gone: nothing is lost
+            log.info("redis %s: closing the connection: %s", self.url, exc)
 
     # -- what the API needs (synchronous) ------------------------------------------------
 
