@@ -182,7 +182,13 @@ class AmqpTaskSource(TaskSource):
                 message = await queue.get(no_ack=False, fail=False, timeout=PUBLISH_TIMEOUT)
             if message is None:
                 continue
-            task = await self._accept(task_type, Delivery(message, channel, queue_name))
+            try:
+                task = await self._accept(task_type, Delivery(message, channel, queue_name))
+            except BaseException:
+                # Not left unacked and held by a host that will not run it: back to the broker.
+                with contextlib.suppress(*_BROKER_ERRORS):
+                    await message.nack(requeue=True)
+                raise
             if task is not None:
                 return task
         return None
@@ -505,13 +511,19 @@ class AmqpTaskSource(TaskSource):
             raise SourceUnavailable(self.error) from None
         except ValueError as exc:  # a URL that aio-pika cannot use
             raise ConfigError([f"[task_manager] url: not a URL aio-pika can use: {exc}"]) from None
-        async with self._broker("opening channels"):
-            self._consume = await self._connection.channel(publisher_confirms=False)
-            for queue in self.queues.values():
-                await self._declare(queue, None)
-            if self._config.results_exchange:
-                channel = await self._publish_channel()
-                await channel.declare_exchange(self._config.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        try:
+            async with self._broker("opening channels"):
+                self._consume = await self._connection.channel(publisher_confirms=False)
+                for queue in self.queues.values():
+                    await self._declare(queue, None)
+                if self._config.results_exchange:
+                    channel = await self._publish_channel()
+                    await channel.declare_exchange(
+                        self._config.results_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+                    )
+        except BaseException:
+            await self._drop()  # half open is not open: the next call connects again, and declares again
+            raise
         self._connection.close_callbacks.add(self._lost)
         log.info("connected to RabbitMQ at %s (%d queues)", self.url, len(self.queues))
         self.error = None

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
 
 from runner import jsondata
@@ -74,11 +74,13 @@ _FORGET_AFTER = 86400.0  # registry entries of processes silent this long are dr
 
 
 def shown_url(url: str) -> str:
-    """The URL as logs and errors may show it: without its password."""
+    """The URL as logs and errors may show it: without its password (in the user part, or the query)."""
     try:
         parts = urlsplit(url)
+        if parts.query:  # redis-py also reads ?password=...: no query is shown at all
+            parts = parts._replace(query="...")
         if parts.password is None:
-            return url
+            return urlunsplit(parts)
         user = parts.username or ""
         netloc = f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
         return urlunsplit(parts._replace(netloc=netloc))
@@ -118,11 +120,12 @@ class RedisQueue(TaskSource):
             "health_check_interval": 15,
         }
         try:
-            # One quick try again (a connection the server closed: a restart); more is the host's backoff.
-            self._aio = redis.asyncio.Redis.from_url(
-                url, retry=redis.asyncio.retry.Retry(ExponentialBackoff(cap=0.5, base=0.05), 1), **options
-            )
-            self._sync = redis.Redis.from_url(url, retry=redis.retry.Retry(ExponentialBackoff(cap=0.5), 1), **options)
+            # The host's client never has the driver send a command again: a claim whose reply was lost
+            # would take a second task and leave the first held. The host's backoff tries again instead.
+            self._aio = redis.asyncio.Redis.from_url(url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **options)
+            # The API's client tries once more (a connection a restarted Redis closed): its calls are
+            # reads, or a submit that knows its own id again, or changes that say what they found.
+            self._sync = redis.Redis.from_url(url, retry=redis.retry.Retry(NoBackoff(), 1), **options)
         except ValueError as exc:
             raise ConfigError([f"[task_manager] url: not a Redis URL ({exc}): {self.url}"]) from None
         self._scripts = {name: self._aio.register_script(getattr(lua, name)) for name in _ASYNC_SCRIPTS}
@@ -217,7 +220,9 @@ class RedisQueue(TaskSource):
         fields: dict[str, str | None] = {"outcome": "failed", "retriable": "0", "error_type": "InvalidParams",
                   "error_message": f"the stored params cannot be read: {problem or 'not an object'}"}  # fmt: skip
         args = [*self._head(), self.owner, task.id, str(attempt), "failed", "", *_flat(fields)]
-        await self._scripts["SETTLE"](args=args)
+        settled = await self._scripts["SETTLE"](args=args)
+        log.warning("task %s of type %s: %s; failed for good%s", task.id, task.type, fields["error_message"],
+                    "" if settled else " (but it was no longer ours to fail)")  # fmt: skip
         return None
 
     async def renew(self, task: ClaimedTask) -> None:
@@ -391,8 +396,11 @@ class RedisQueue(TaskSource):
         cut = False
         start = 0
         chunk = max(limit, 50)
+        # With a status and a type, the status's index is walked for the type: bounded, so that one
+        # request cannot walk millions of finished tasks (what it found so far is the page).
+        scan_limit = max(10 * limit, 1000) if other_types is not None else None
         with self._sync_boundary():
-            while len(tasks) < limit:
+            while len(tasks) < limit and (scan_limit is None or start < scan_limit):
                 ids: list[str] = self._sync.zrevrange(index, start, start + chunk - 1)  # type: ignore[assignment]
                 if not ids:
                     break

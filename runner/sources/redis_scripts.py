@@ -126,17 +126,15 @@ end
 for i = 6, #ARGV do
   local t = ARGV[i]
   if redis.call('EXISTS', stream(t)) == 1 then
-    local cursor = '0-0'
-    for _ = 1, 50 do
-      local found = redis.call('XAUTOCLAIM', stream(t), GROUP, owner, lease, cursor, 'COUNT', 1)
-      for _, e in ipairs(found[2]) do
+    -- Only entries idle past the lease, found by the server however many live ones come first
+    -- (XAUTOCLAIM looks at a few entries per call), then taken over one by one.
+    for _, p in ipairs(redis.call('XPENDING', stream(t), GROUP, 'IDLE', lease, '-', '+', 10)) do
+      for _, e in ipairs(redis.call('XCLAIM', stream(t), GROUP, owner, lease, p[1])) do
         if type(e) == 'table' then
           local record = take(t, e[1], field(e[2], 'id'))
           if record then return {t, e[1], record} end
         end
       end
-      cursor = found[1]
-      if cursor == '0-0' then break end
     end
   end
 end
@@ -276,7 +274,13 @@ if key ~= '' then
     return {0, existing, redis.call('HGETALL', tkey(existing))}
   end
 end
-if redis.call('EXISTS', k) == 1 then return {-1, id} end
+if redis.call('EXISTS', k) == 1 then
+  -- This very submit, sent again after its reply was lost (the API's client retries once): as created.
+  if redis.call('HGET', k, 'type') == t and redis.call('HGET', k, 'params') == ARGV[6] then
+    return {1, id, redis.call('HGETALL', k)}
+  end
+  return {-1, id}
+end
 if key ~= '' then redis.call('SET', P .. ':idem:' .. key, id) end
 redis.call('HSET', k, 'id', id, 'type', t, 'params', ARGV[6], 'priority', ARGV[7], 'attempts', 0,
   'max_attempts', ARGV[8], 'correlation_id', ARGV[10], 'created_at', NOW)

@@ -266,6 +266,22 @@ async def test_a_killed_consumers_delivery_is_redelivered(broker: Any, client: C
         await second.close()
 
 
+async def test_a_message_the_source_fails_to_handle_goes_back_to_the_broker(
+    source: AmqpTaskSource, client: Client, queue: str
+) -> None:
+    # {queue}.redelivered exists with other arguments: holding a redelivered message back fails.
+    await client.channel.declare_queue(f"{queue}.redelivered", durable=True, arguments={"x-max-length": 5})
+    await client.publish(queue, {"id": "t-h", "type": TYPE, "params": {}})
+    task = await _claim(source)
+    await source.release(task)  # comes back redelivered
+    with pytest.raises(SourceUnavailable):
+        for _ in range(100):
+            await source.claim([TYPE])
+            await asyncio.sleep(0.05)
+    ready = await client.channel.declare_queue(queue, passive=True)
+    assert ready.declaration_result.message_count == 1  # not held unacked by a host that will not run it
+
+
 async def test_a_message_redelivered_past_its_attempts_is_dead(
     source: AmqpTaskSource, client: Client, queue: str
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -201,6 +202,38 @@ def test_an_expired_lease_is_taken_over_and_renewal_keeps_it(broker: Service) ->
         assert a.counts()["completed"] == 2
 
     run(broker, body, lease=1.0)
+
+
+def test_an_expired_lease_behind_hundreds_of_live_ones_is_taken_over(broker: Service) -> None:
+    # XAUTOCLAIM looks at a few pending entries per call: a lapsed lease behind 600 live ones
+    # was never found. The claim asks the server for the idle ones instead.
+    async def body(a: RedisQueue, b: RedisQueue) -> None:
+        ids = [submit(a) for _ in range(601)]
+        held = [await claim(a) for _ in ids]
+        assert [t.id for t in held] == ids
+        await asyncio.sleep(1.2)  # every lease is past its time...
+        for task in held[:-1]:
+            await a.renew(task)  # ...and all but the last renewed
+        taken = await claim(b)
+        assert taken.id == ids[-1] and taken.attempt == 2
+
+    run(broker, body, lease=1.0)
+
+
+def test_a_lost_reply_to_a_claim_is_not_sent_again(broker: Service) -> None:
+    # The scripts are not idempotent: the driver must not send one again whose reply it lost.
+    async def body(a: RedisQueue, b: RedisQueue) -> None:
+        assert a._aio.get_connection_kwargs()["retry"].get_retries() == 0
+        # The API's client may send a submit again: the same id and content is the same task, created once.
+        task_id = str(uuid.uuid4())
+        first, created = a.submit(ECHO, {"x": 1}, max_attempts=3, task_id=task_id)
+        again, created_again = a.submit(ECHO, {"x": 1}, max_attempts=3, task_id=task_id)
+        assert created and created_again and again["id"] == first["id"] == task_id
+        assert a.counts()["pending"] == 1
+        with pytest.raises(ValueError, match="exists already"):
+            a.submit(ECHO, {"x": 2}, max_attempts=3, task_id=task_id)
+
+    run(broker, body)
 
 
 def test_an_expired_lease_with_no_attempt_left_is_dead(broker: Service) -> None:
@@ -412,6 +445,10 @@ def test_a_broker_that_goes_away_degrades_health_and_nothing_is_lost(
     assert host.http.get(f"/tasks/{ids[0]}").status_code == 503
     time.sleep(2)  # reports and claims fail meanwhile, and are tried again
     container.start()
+    deadline = time.monotonic() + 30  # while Redis starts (and reads its file), the API answers 503
+    while host.http.get("/health").json()["status"] != "ok":
+        assert time.monotonic() < deadline, "Redis did not come back"
+        time.sleep(0.2)
     finished = [host.wait_for(i, ("completed",), timeout=90) for i in ids]
     assert all(t["attempts"] == 1 for t in finished)  # nothing ran twice: the reports landed late
     assert host.http.get("/health").json()["status"] == "ok"
