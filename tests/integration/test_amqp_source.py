@@ -278,8 +278,12 @@ async def test_a_message_the_source_fails_to_handle_goes_back_to_the_broker(
         for _ in range(100):
             await source.claim([TYPE])
             await asyncio.sleep(0.05)
-    ready = await client.channel.declare_queue(queue, passive=True)
-    assert ready.declaration_result.message_count == 1  # not held unacked by a host that will not run it
+    # Not held unacked by a host that will not run it: back in the queue (nacked, or requeued by the
+    # broker as the failed declare closed the channel), soon.
+    deadline = time.monotonic() + 10
+    while (await client.channel.declare_queue(queue, passive=True)).declaration_result.message_count != 1:
+        assert time.monotonic() < deadline, "the message stayed held by the source"
+        await asyncio.sleep(0.1)
 
 
 async def test_a_message_redelivered_past_its_attempts_is_dead(
