@@ -135,7 +135,7 @@ def test_a_blocked_claim_takes_a_task_submitted_meanwhile(broker: Service) -> No
         tid = await asyncio.to_thread(submit, b)
         task = await waiting
         assert task is not None and task.id == tid and task.attempt == 1
-        assert time.monotonic() - started < 1.0  # woken by the entry, not by a poll
+        assert time.monotonic() - started < 2.5  # woken by the entry, not at the end of the 5 s block
 
     run(broker, body)
 
