@@ -18,10 +18,18 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from runner.errors import WorkerhostError
 from runner.protocol import Outcome
+
+
+def iso_time(moment: float | None) -> str | None:
+    """A moment (seconds since the epoch) as the API shows times: ``2026-11-30T10:00:00.123Z``."""
+    if moment is None:
+        return None
+    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class SourceUnavailable(WorkerhostError):

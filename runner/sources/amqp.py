@@ -80,7 +80,16 @@ from runner.config import AmqpSource, WorkerConfig
 from runner.errors import ConfigError
 from runner.protocol import Status
 from runner.retries import backoff
-from runner.sources import Capabilities, ClaimedTask, Finished, LeaseLost, NotKept, SourceUnavailable, TaskSource
+from runner.sources import (
+    Capabilities,
+    ClaimedTask,
+    Finished,
+    LeaseLost,
+    NotKept,
+    SourceUnavailable,
+    TaskSource,
+    iso_time,
+)
 from runner.telemetry import context
 
 log = logging.getLogger(__name__)
@@ -272,7 +281,7 @@ class AmqpTaskSource(TaskSource):
         task = {
             "id": task_id, "type": task_type, "status": "pending", "attempts": 0, "max_attempts": max_attempts,
             "priority": priority, "correlation_id": correlation_id, "trace_id": context.trace_id_of(traceparent),
-            "created_at": _iso(now), "updated_at": _iso(now), "params": params,
+            "created_at": iso_time(now), "updated_at": iso_time(now), "params": params,
         }  # fmt: skip
         return task, True
 
@@ -569,9 +578,9 @@ class AmqpTaskSource(TaskSource):
             "id": task.id, "type": task.type, "status": status, "attempts": task.attempt,
             "max_attempts": task.max_attempts, "priority": message.priority or 0,
             "correlation_id": envelope_for(task)[0].correlation_id, "trace_id": context.trace_id_of(task.traceparent),
-            "created_at": _iso(created), "updated_at": _iso(now), "params": task.params,
+            "created_at": iso_time(created), "updated_at": iso_time(now), "params": task.params,
             "outcome": str(outcome.status), "worker": finished.worker, "image_id": finished.image_id,
-            "stderr_tail": finished.stderr_tail, "duration": finished.duration, "finished_at": _iso(now),
+            "stderr_tail": finished.stderr_tail, "duration": finished.duration, "finished_at": iso_time(now),
         }  # fmt: skip
         if outcome.status is Status.COMPLETED:
             view["result"] = outcome.result
@@ -631,9 +640,3 @@ def _text(value: Any) -> str | None:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _iso(moment: float | None) -> str | None:
-    if moment is None:
-        return None
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +34,7 @@ from runner.sources import (
     Owner,
     SourceUnavailable,
     TaskSource,
+    iso_time,
 )
 from runner.telemetry import context
 
@@ -513,8 +513,8 @@ def _public(row: sqlite3.Row) -> dict[str, Any]:
         "priority": row["priority"],
         "correlation_id": _text(row["correlation_id"]),
         "trace_id": context.trace_id_of(row["traceparent"]),
-        "created_at": _iso(row["created_at"]),
-        "updated_at": _iso(row["updated_at"]),
+        "created_at": iso_time(row["created_at"]),
+        "updated_at": iso_time(row["updated_at"]),
     }
     optional = {
         "idempotency_key": _text(row["idempotency_key"]),
@@ -523,12 +523,12 @@ def _public(row: sqlite3.Row) -> dict[str, Any]:
         "image_id": row["image_id"],
         "stderr_tail": _text(row["stderr_tail"]) if "stderr_tail" in columns else None,
         "duration": row["duration"],
-        "started_at": _iso(row["started_at"]),
-        "finished_at": _iso(row["finished_at"]),
+        "started_at": iso_time(row["started_at"]),
+        "finished_at": iso_time(row["finished_at"]),
     }
     task.update({k: v for k, v in optional.items() if v is not None})
     if row["status"] == "pending" and row["run_at"] > time.time():
-        task["run_at"] = _iso(row["run_at"])
+        task["run_at"] = iso_time(row["run_at"])
     unreadable: dict[str, str] = {}
     for field in ("params", "result"):
         if field in columns and row[field] is not None:
@@ -547,9 +547,3 @@ def _public(row: sqlite3.Row) -> dict[str, Any]:
 
 def _text(value: str | None) -> str | None:
     return jsondata.clean_text(value) if isinstance(value, str) else value
-
-
-def _iso(moment: float | None) -> str | None:
-    if moment is None:
-        return None
-    return datetime.fromtimestamp(moment, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

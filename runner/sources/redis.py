@@ -36,7 +36,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -56,6 +55,7 @@ from runner.sources import (
     Owner,
     SourceUnavailable,
     TaskSource,
+    iso_time,
 )
 from runner.sources import redis_scripts as lua
 from runner.telemetry import context
@@ -567,6 +567,5 @@ def _public(record: dict[str, str]) -> dict[str, Any]:
 
 
 def _iso(moment: str | None) -> str | None:
-    if not moment:
-        return None
-    return datetime.fromtimestamp(_float(moment), UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """A stored moment (text, as Redis keeps it) as the API shows times."""
+    return iso_time(_float(moment)) if moment else None
