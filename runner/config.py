@@ -120,6 +120,8 @@ class HostConfig(_Section):
     api_tokens: dict[str, SecretStr] = Field(default_factory=dict)  # more tokens, by the name logs show
     metrics_public: bool = False  # GET /metrics without a token (GET /health never needs one)
     allowed_hosts: list[str] = Field(default_factory=list)  # Host names besides loopback's; "*.example.com"
+    # The most that warm containers (prewarmed and reused, idle or not) may hold, by their memory limits.
+    warm_memory: Size = 2 * 1024**3
 
     @field_validator("api_tokens")
     @classmethod
@@ -353,6 +355,8 @@ STRICT_MAX_TIMEOUT = 300.0  # strict workers' hard cap on wall time
 STRICT_MIN_PIDS = 128
 STRICT_PIDS = 256
 STRICT_NOFILE = 256
+MAX_PREWARM = 64  # prewarmed containers per worker
+MAX_REUSE = 100_000  # tasks per reused container
 
 # What a worker must opt in to with ``allow = [...]``, and what each gives away.
 OPT_INS: dict[str, str] = {
@@ -488,6 +492,10 @@ class WorkerConfig(_Section):
     env: dict[str, str] = Field(default_factory=dict)
     sandbox: Literal["standard", "strict"] = "standard"
     allow: list[str] = Field(default_factory=list)  # opt-ins, from OPT_INS
+    # Warm containers (runner/docker/pool.py): started ahead and used once, or reused by one slot.
+    prewarm: int = Field(default=0, ge=0, le=MAX_PREWARM)
+    prewarm_ttl: Duration = Field(default=300.0, gt=0)  # a warm container older than this is replaced
+    reuse: int = Field(default=0, ge=0, le=MAX_REUSE)  # tasks per long-lived container; 0: one task each
     # A JSON Schema: a table, or (in the file) a path relative to the config file's folder.
     params_schema: dict[str, Any] | None = None
     _params_validator: Draft202012Validator | None = PrivateAttr(default=None)
@@ -502,7 +510,7 @@ class WorkerConfig(_Section):
     @model_validator(mode="after")
     def _rules(self) -> WorkerConfig:
         """The rules about several fields, every broken one at once."""
-        problems = self._strict_problems() + self._opt_in_problems()
+        problems = self._strict_problems() + self._opt_in_problems() + self._warm_problems()
         if problems:
             _reject(problems)
         if self.params_schema is not None:
@@ -540,6 +548,30 @@ class WorkerConfig(_Section):
             _Problem((), message, {"sandbox": self.sandbox, field: getattr(self, field)})
             for field, message in messages.items()
         ]
+
+    def _warm_problems(self) -> list[_Problem]:
+        if not self.reuse:
+            return []
+        if self.reuse == 1:
+            message = "reuse = 1 is one task per container, which is what leaving reuse out does; leave it out"
+            return [_Problem(("reuse",), message, self.reuse)]
+        if self.sandbox == "strict":
+            message = (
+                f'reuse = {self.reuse} with sandbox = "strict": a reused container keeps what one task left '
+                "for the next, which untrusted code must never get; use prewarm for fast strict tasks"
+            )
+            return [_Problem((), message, {"sandbox": self.sandbox, "reuse": self.reuse})]
+        if self.prewarm:
+            message = (
+                f"prewarm = {self.prewarm} with reuse = {self.reuse}: a reusing worker keeps one started "
+                "container per slot already; choose one of them"
+            )
+            return [_Problem((), message, {"prewarm": self.prewarm, "reuse": self.reuse})]
+        return []
+
+    def warm_containers(self) -> int:
+        """How many warm containers this worker keeps: its prewarmed ones, or one per slot when it reuses."""
+        return self.concurrency if self.reuse else self.prewarm
 
     def _opt_in_problems(self) -> list[_Problem]:
         problems = []
@@ -736,9 +768,32 @@ def loads(text: str, source: str = DEFAULT_PATH, environ: Mapping[str, str] | No
     except ValidationError as exc:
         # A value left empty by an unset variable is already reported once.
         problems.extend(_describe(e, raw, source) for e in exc.errors() if _loc(e) not in unset)
+    if not problems:
+        problems = _warm_memory(config, source)
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def _warm_memory(config: Config, source: str) -> list[str]:
+    """The warm containers of all workers, by their memory limits, within ``[host] warm_memory``."""
+    warm = [(w, w.warm_containers() * w.memory) for w in config.workers if w.warm_containers()]
+    total = sum(memory for _, memory in warm)
+    if total <= config.host.warm_memory:
+        return []
+    parts = ", ".join(f"{w.name} {w.warm_containers()} x {_human_size(w.memory)}" for w, _ in warm)
+    return [
+        f"{source}: host.warm_memory: the workers' warm containers may hold {_human_size(total)} ({parts}), "
+        f"more than warm_memory = {_human_size(config.host.warm_memory)}; lower prewarm (or concurrency "
+        "where a worker reuses), or raise warm_memory"
+    ]
+
+
+def _human_size(size: int) -> str:
+    for unit, factor in (("g", 1024**3), ("m", 1024**2), ("k", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}b" if size < 1024 else f"{size / 1024**2:.1f}m"
 
 
 def _substitute(

@@ -138,8 +138,13 @@ class Undertaker:
             log.warning("could not look for what dead processes left: %s", exc)
             return
         for orphan in reaped.removed:
-            log.warning("removed a container of task %s left by %s (no longer running)",
-                        orphan.task_id or "?", orphan.owner or "an unknown process")  # fmt: skip
+            left_by = orphan.owner or "an unknown process"
+            if orphan.pool:
+                log.info("removed a warm container (%s) of worker %s left by %s (no longer running)",
+                         orphan.pool, orphan.worker or "?", left_by)  # fmt: skip
+            else:
+                log.warning("removed a container of task %s left by %s (no longer running)",
+                            orphan.task_id or "?", left_by)  # fmt: skip
         if not registry:
             return
         try:

@@ -100,6 +100,7 @@ async def serve(config: Config, burst: bool = False) -> int:
         hooks = Hooks([tracing, log_hook, metrics, *user_hooks], contexts=tracing.span_context)
         host = Host(config, source, runner, hooks, owner=owner)
         host.engine_ok(_warn_about_images(config, runner))
+        runner.warm(config.workers)  # prewarm and reuse: containers started ahead, removed by runner.close
         # log_config=None: uvicorn's loggers keep no handlers of their own and go through ours (runner.telemetry.logs).
         server = _Server(uvicorn.Config(create_app(host, metrics, queue), log_level="warning", access_log=False,
                                         lifespan="off", log_config=None))  # fmt: skip

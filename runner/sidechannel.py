@@ -13,6 +13,12 @@ Side channel v1 (what the SDK writes, one JSON object per line)::
      "name": "fetch", "start": 1764090000.123, "end": 1764090000.456,
      "attrs": {"k": "v"}, "status": "ok" | "error", "error": "message"?}
     {"workerhost": "progress", "percent": 40, "message": "page 2 of 5"?}
+
+and, from a worker that reads tasks line by line (``reuse``, README "Reuse"), the marks
+that frame its tasks::
+
+    {"workerhost": "ready"}                  it reads tasks line by line (once, at its start)
+    {"workerhost": "done", "exit_code": 0}   its task's result line is written; the code it would exit with
 """
 
 from __future__ import annotations
@@ -51,6 +57,17 @@ class Progress:
     message: str | None = None
 
 
+@dataclass(frozen=True)
+class Mark:
+    """A line-protocol mark: ``ready`` (the worker reads tasks line by line) or ``done`` (a task's end)."""
+
+    kind: str
+    exit_code: int = 0
+
+
+Item = str | WorkerSpan | Progress | Mark
+
+
 @dataclass
 class StderrLines:
     """Feeds on stderr bytes; yields log lines and side-channel events as whole lines arrive."""
@@ -64,9 +81,9 @@ class StderrLines:
     _partial: bytearray = field(default_factory=bytearray)
     _skipping: bool = False  # inside a line that is already too long
 
-    def feed(self, data: bytes) -> list[str | WorkerSpan | Progress]:
+    def feed(self, data: bytes) -> list[Item]:
         """Whatever complete lines ``data`` finishes: a str for a log line, else an event."""
-        out: list[str | WorkerSpan | Progress] = []
+        out: list[Item] = []
         start = 0
         while True:
             end = data.find(b"\n", start)
@@ -82,7 +99,7 @@ class StderrLines:
                 out.append(item)
             start = end + 1
 
-    def flush(self) -> list[str | WorkerSpan | Progress]:
+    def flush(self) -> list[Item]:
         """The last line, if the stream ended without a newline."""
         if not self._partial and not self._skipping:
             return []
@@ -112,7 +129,7 @@ class StderrLines:
         else:
             self._partial += chunk
 
-    def _line(self, line: bytes, cut: bool) -> str | WorkerSpan | Progress | None:
+    def _line(self, line: bytes, cut: bool) -> Item | None:
         kind, obj = _classify(line, cut)
         if kind == "side":
             event = _event(obj) if obj is not None else None
@@ -163,10 +180,17 @@ def _classify(line: bytes, cut: bool) -> tuple[str, dict[str, Any] | None]:
     return ("side", None) if _CLAIM.match(stripped) else ("log", None)
 
 
-def _event(obj: dict[str, Any]) -> WorkerSpan | Progress | None:
+def _event(obj: dict[str, Any]) -> WorkerSpan | Progress | Mark | None:
     kind = obj.get("workerhost")
     if kind == "span":
         return _span(obj)
+    if kind == "ready":
+        return Mark("ready")
+    if kind == "done":
+        code = obj.get("exit_code", 0)
+        if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 255:
+            return None
+        return Mark("done", code)
     if kind == "progress":
         percent = obj.get("percent")
         message = obj.get("message")

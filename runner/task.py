@@ -182,7 +182,8 @@ class TaskRun:
             duration=result.duration, start_latency=result.start_latency, container_id=result.container_id,
             image_id=result.image_id, stdin_bytes=result.stdin_bytes, stdout_bytes=len(end.stdout),
             stderr_bytes=result.stderr_bytes, phases=result.phases, side_channel=result.side_channel_problems,
-            cancelled=result.cancelled, parent=self.parent, start_ns=start_ns, end_ns=time.time_ns(),
+            cancelled=result.cancelled, mode=result.mode, parent=self.parent, start_ns=start_ns,
+            end_ns=time.time_ns(),
         )  # fmt: skip
         record = {"task_id": self.task.id, "outcome": str(outcome.status), "at": time.time()}
         self.services.on_outcome(self.worker.name, {**record, "duration": result.duration})

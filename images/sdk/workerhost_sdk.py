@@ -26,6 +26,12 @@ one JSON result object on stdout and exits with the protocol's code:
 While the handler runs, anything written to stdout (``print``, a subprocess)
 goes to stderr instead, so that stray output can never corrupt the result.
 
+Before the handler runs, ``run`` sets ``TRACEPARENT``, ``WORKERHOST_TASK_ID``,
+``WORKERHOST_CORRELATION_ID`` and ``WORKERHOST_ATTEMPT`` from the task, so that
+they are right in a container started before its task (``prewarm``) and in one
+that runs many (``reuse``: there ``run`` reads one task per line, writes one
+result per line, and marks each task's end on stderr; the handler is the same).
+
 Tracing without a network: ``with sdk.span("fetch", {"url": u}):`` times a
 piece of work and sends it to the host on stderr's side channel (one JSON
 line with a ``"workerhost"`` key); the host turns it into an OpenTelemetry
@@ -198,42 +204,67 @@ def _side_channel(record):
     sys.stderr.flush()
 
 
-def run(handler, retry_on=(), stdin=None, stdout=None):
+def run(handler, retry_on=(), stdin=None, stdout=None, lines=None):
     """Run ``handler(task)`` under protocol v1 and exit with the protocol's code.
 
     ``retry_on`` is a tuple of exception classes that count as retriable
     besides ``RetriableError`` (for example ``(IOError,)``).
     ``stdin``/``stdout`` are binary streams for tests; by default the process's own.
+
+    In a container the host reuses (``WORKERHOST_MODE=reuse``, or ``lines=True``)
+    it reads tasks line by line instead, one result line each, until stdin ends.
     """
-    code = _run(handler, tuple(retry_on), stdin, stdout)
+    if lines is None:
+        lines = os.environ.get("WORKERHOST_MODE") == "reuse"
+    code = (_serve_lines if lines else _run)(handler, tuple(retry_on), stdin, stdout)
     sys.exit(code)
 
 
 def _run(handler, retry_on, stdin, stdout):
     out = stdout if stdout is not None else _claim_stdout()
+    stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
+    code, body = _one(handler, retry_on, stream.read())
+    _emit(out, body)
+    return code
+
+
+def _serve_lines(handler, retry_on, stdin, stdout):
+    """The line protocol: say "ready", then per line of stdin one result line and a "done" mark."""
+    out = stdout if stdout is not None else _claim_stdout()
+    stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
+    _side_channel({"workerhost": "ready", "protocol": PROTOCOL_VERSION})
+    while True:
+        line = stream.readline()
+        if not line:
+            return EXIT_OK
+        if not line.strip():
+            continue
+        code, body = _one(handler, retry_on, line)
+        _emit(out, body)
+        sys.stdout.flush()  # what the handler printed (now on stderr) is this task's: before the mark
+        _side_channel({"workerhost": "done", "exit_code": code})
+
+
+def _one(handler, retry_on, data):
+    """One task from its JSON text: (exit code, result body)."""
     try:
-        task = Task(_read_envelope(stdin))
+        envelope = _parse_envelope(data)
     except ValueError as exc:
-        _emit(out, _failure("InvalidTask", str(exc), False))
-        return EXIT_PERMANENT
+        return EXIT_PERMANENT, _failure("InvalidTask", str(exc), False)
+    _adopt(envelope)
     try:
-        result = handler(task)
+        result = handler(Task(envelope))
         body = _dumps({"success": True, "result": result})
     except TaskTimeout as exc:
-        _emit(out, _failure("TaskTimeout", _message(exc), False))
-        return EXIT_TIMEOUT
+        return EXIT_TIMEOUT, _failure("TaskTimeout", _message(exc), False)
     except Exception as exc:  # the handler's failures are the protocol's business
         retriable = isinstance(exc, retry_on) or bool(getattr(exc, "retriable", False))
         traceback.print_exc(file=sys.stderr)
-        _emit(out, _failure(type(exc).__name__, _message(exc), retriable))
-        return EXIT_RETRIABLE if retriable else EXIT_PERMANENT
-    _emit(out, body)
-    return EXIT_OK
+        return (EXIT_RETRIABLE if retriable else EXIT_PERMANENT), _failure(type(exc).__name__, _message(exc), retriable)
+    return EXIT_OK, body
 
 
-def _read_envelope(stdin):
-    stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
-    data = stream.read()
+def _parse_envelope(data):
     if isinstance(data, bytes):
         data = data.decode("utf-8")
     if not data.strip():
@@ -244,6 +275,42 @@ def _read_envelope(stdin):
     if not isinstance(envelope.get("params", {}), dict):
         raise ValueError("the task's params are not a JSON object")
     return envelope
+
+
+# The task's ids in the environment, as a cold container has them from its start: a warm
+# container (prewarmed or reused) was started before its task was known.
+_ENVIRONMENT = (
+    ("traceparent", "TRACEPARENT"),
+    ("correlation_id", "WORKERHOST_CORRELATION_ID"),
+    ("id", "WORKERHOST_TASK_ID"),
+    ("attempt", "WORKERHOST_ATTEMPT"),
+)
+
+
+_adopted = set()  # the names _adopt set, so that a reused container's next task cannot inherit them
+
+
+def _adopt(envelope):
+    """Set the task's ids in the environment from its envelope.
+
+    What the envelope lacks stays as the container's environment has it, unless
+    an earlier task of this process set it (then it is removed).
+    """
+    for key, name in _ENVIRONMENT:
+        value = envelope.get(key)
+        text = None
+        if value is not None and not isinstance(value, (dict, list)):
+            text = u"%s" % (value,)
+            if str is bytes:  # Python 2: the environment holds byte strings
+                text = text.encode("utf-8")
+            if "\0" in text:
+                text = None
+        if text is not None:
+            os.environ[name] = text
+            _adopted.add(name)
+        elif name in _adopted:
+            os.environ.pop(name, None)
+            _adopted.discard(name)
 
 
 def _claim_stdout():

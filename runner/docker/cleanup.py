@@ -20,7 +20,15 @@ import docker
 import docker.errors
 
 from runner.docker.engine import engine_errors
-from runner.docker.labels import LABEL_ATTEMPT, LABEL_HOST, LABEL_OWNER, LABEL_TASK, label_filter
+from runner.docker.labels import (
+    LABEL_ATTEMPT,
+    LABEL_HOST,
+    LABEL_OWNER,
+    LABEL_POOL,
+    LABEL_TASK,
+    LABEL_WORKER,
+    label_filter,
+)
 from runner.docker.run import ContainerEvent, Observer, signal_kill
 from runner.errors import EngineError
 
@@ -34,6 +42,8 @@ class Orphan:
     task_id: str
     owner: str
     attempt: int | None
+    pool: str = ""  # a warm container's kind ("prewarm", "reuse"): it had no task yet, or never said which
+    worker: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,10 @@ class Janitor:
             self._remover.submit(self._remove_ours, container, observe)
         except RuntimeError:  # closed while this run went on (a shutdown past its grace): remove it now
             self._remove_ours(container, observe)
+
+    def remove_now(self, container: str) -> None:
+        """Remove the container before returning (at shutdown); a failure is remembered for ``reap``."""
+        self._remove_ours(container, None)
 
     def _remove_ours(self, container: str, observe: Observer | None) -> None:
         removed = self._remove(container)
@@ -105,6 +119,14 @@ class Janitor:
                     killed = True
         return killed
 
+    def cancel_container(self, container: str) -> bool:
+        """Kill a container that runs a task but carries no task label (a warm one); True if a kill was delivered."""
+        with self._cancel_lock:
+            if signal_kill(self.client, container):
+                self._cancelled.add(container)
+                return True
+        return False
+
     def take_cancelled(self, container: str) -> bool:
         """Whether ``cancel`` killed this container (asked once, by its run, after it ended)."""
         with self._cancel_lock:
@@ -125,7 +147,10 @@ class Janitor:
         kept: set[str] = set()
         for container in self._containers({LABEL_HOST: self.host_id}, False):
             labels = container.get("Labels") or {}
-            orphan = Orphan(labels.get(LABEL_TASK, ""), labels.get(LABEL_OWNER, ""), _attempt(labels))
+            orphan = Orphan(
+                labels.get(LABEL_TASK, ""), labels.get(LABEL_OWNER, ""), _attempt(labels),
+                labels.get(LABEL_POOL, ""), labels.get(LABEL_WORKER, ""),
+            )  # fmt: skip
             # Ours are removed after their run, never here; an owner not known dead may still need its own.
             if orphan.owner == self.owner or not dead(orphan.owner) or not self._remove(container["Id"]):
                 kept.add(orphan.task_id)

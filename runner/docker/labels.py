@@ -11,6 +11,7 @@ LABEL_WORKER = "workerhost.worker"
 LABEL_HOST = "workerhost.host_id"
 LABEL_ATTEMPT = "workerhost.attempt"
 LABEL_OWNER = "workerhost.owner"
+LABEL_POOL = "workerhost.pool"  # a warm container, not yet a task's: "prewarm" or "reuse"
 
 
 def label_filter(labels: dict[str, str]) -> dict[str, list[str]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,11 +20,14 @@ import requests.exceptions
 
 from runner.config import STRICT_NOFILE, WorkerConfig
 from runner.docker.engine import engine_errors
-from runner.docker.labels import LABEL_ATTEMPT, LABEL_HOST, LABEL_OWNER, LABEL_TASK, LABEL_WORKER
-from runner.docker.streams import STDERR_TAIL, Streams, close, exchange
+from runner.docker.labels import LABEL_ATTEMPT, LABEL_HOST, LABEL_OWNER, LABEL_POOL, LABEL_TASK, LABEL_WORKER
+from runner.docker.streams import STDERR_TAIL, Demuxer, Streams, close, exchange
 from runner.errors import EngineError, ImageMissing
 from runner.protocol import ContainerEnd, Envelope, ErrorInfo
 from runner.sidechannel import Progress, WorkerSpan
+
+COLD, PREWARM, REUSE = "cold", "prewarm", "reuse"
+ENV_MODE = "WORKERHOST_MODE"  # in every container: how it was started (contract, README "Warm containers")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class RunResult:
     side_channel_problems: str | None = None
     # DockerRunner.cancel killed it: ``end`` says how it died, not how the task would have ended
     cancelled: bool = False
+    mode: str = "cold"  # the container's kind: "cold" (made for the task), "prewarm" or "reuse"
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,20 @@ class Phases:
         return tuple(self._phases)
 
 
-def create(client: docker.APIClient, worker: WorkerConfig, task: Envelope, host_id: str, owner: str) -> str:
-    """A new container of ``worker`` for ``task``, with the worker's limits; returns its id."""
+def create(
+    client: docker.APIClient,
+    worker: WorkerConfig,
+    task: Envelope | None,
+    host_id: str,
+    owner: str,
+    mode: str = COLD,
+) -> str:
+    """A new container of ``worker`` with the worker's limits; returns its id.
+
+    For ``task``, or (``task`` None) a warm container of ``mode`` ("prewarm" or
+    "reuse") whose tasks are not known yet: its environment has no task's ids, and
+    its labels name no task (``workerhost.pool`` says what it is).
+    """
     host_config = client.create_host_config(
         nano_cpus=int(worker.cpus * 1e9),
         mem_limit=worker.memory,
@@ -94,14 +110,13 @@ def create(client: docker.APIClient, worker: WorkerConfig, task: Envelope, host_
         log_config={"Type": "none", "Config": {}},
         ulimits=_strict_ulimits(worker) if worker.strict else None,
     )
-    labels = {
-        LABEL_TASK: task.id,
-        LABEL_WORKER: worker.name,
-        LABEL_HOST: host_id,
-        LABEL_ATTEMPT: str(task.attempt),
-        LABEL_OWNER: owner,
-    }
-    environment = {**worker.env, **task.environment()}
+    labels = {LABEL_WORKER: worker.name, LABEL_HOST: host_id, LABEL_OWNER: owner}
+    environment = {**worker.env, ENV_MODE: mode}
+    if task is not None:
+        labels |= {LABEL_TASK: task.id, LABEL_ATTEMPT: str(task.attempt)}
+        environment |= task.environment()
+    else:
+        labels[LABEL_POOL] = mode
     with engine_errors(f"worker {worker.name}: cannot create a container of {worker.image}"):
         try:
             created = client.create_container(
@@ -119,16 +134,8 @@ def create(client: docker.APIClient, worker: WorkerConfig, task: Envelope, host_
     return str(created["Id"])
 
 
-def supervise(
-    client: docker.APIClient,
-    container: str,
-    worker: WorkerConfig,
-    task: Envelope,
-    began: float,
-    phases: Phases,
-    observe: Observer | None,
-) -> RunResult:
-    """Attach, start, exchange stdin and stdout up to the deadline or a cap, then read how it ended."""
+def launch(client: docker.APIClient, container: str, worker: WorkerConfig) -> tuple[socket.socket, Any]:
+    """Attach to the container, then start it; returns the attach socket and its connection."""
     # Attach before start: output written before an attach would be lost.
     with engine_errors(f"worker {worker.name}: cannot attach to its container"):
         attach = client.attach_socket(container, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
@@ -139,15 +146,56 @@ def supervise(
     except EngineError:
         close(sock, attach)
         raise
-    started = time.monotonic()
+    return sock, attach
+
+
+def supervise(
+    client: docker.APIClient,
+    container: str,
+    worker: WorkerConfig,
+    task: Envelope,
+    began: float,
+    phases: Phases,
+    observe: Observer | None,
+) -> RunResult:
+    """Attach, start, exchange stdin and stdout up to the deadline or a cap, then read how it ended."""
+    sock, attach = launch(client, container, worker)
     phases.mark("start")
-    # The deadline counts from start, so that engine latency is not the worker's time.
+    return single_use(client, container, sock, attach, worker, task, began, phases, observe)
+
+
+def single_use(
+    client: docker.APIClient,
+    container: str,
+    sock: socket.socket,
+    attach: Any,
+    worker: WorkerConfig,
+    task: Envelope,
+    began: float,
+    phases: Phases,
+    observe: Observer | None,
+    *,
+    demux: Demuxer | None = None,
+    early: Sequence[tuple[int, bytes]] = (),
+    mode: str = COLD,
+) -> RunResult:
+    """The task into a started container (then EOF), its output up to the deadline or a cap, and its end.
+
+    ``early`` is what a warm container wrote before its task (on ``demux``'s connection).
+    """
+    started = time.monotonic()
+    # The deadline counts from now (the start, or a warm container's write), so that engine latency
+    # is not the worker's time.
     deadline = started + worker.timeout
     task = replace(task, deadline=datetime.now(UTC) + timedelta(seconds=worker.timeout))
     streams = Streams(worker.max_stdout, worker.max_stderr, observe=observe)
+    for stream, chunk in early:
+        streams.add(stream, chunk)
+    before = streams.stderr_bytes
     payload = task.to_json()
+    written_ns = time.time_ns()
     try:
-        deadline_hit = exchange(sock, payload, streams, deadline)
+        deadline_hit = exchange(sock, payload, streams, deadline, demux=demux)
         streams.finish()
         phases.mark("exchange")
         if deadline_hit or streams.cap_hit:
@@ -155,12 +203,35 @@ def supervise(
             # to us while the kill is delivered.
             close(sock, attach)
             kill(client, container)
+            state, image_id = inspect_state(client, container)
         else:
-            deadline_hit = not _wait(client, container, deadline)
+            # The output ended; the engine has usually seen the exit by now, and an inspect is
+            # cheaper than a wait. A worker may close stdout and keep running: then wait for it.
+            state, image_id = inspect_state(client, container)
+            if state.get("Running", False):
+                deadline_hit = not wait_exit(client, container, deadline)
+                state, image_id = inspect_state(client, container)
     finally:
         close(sock, attach)
-    state, image_id = _inspect(client, container)
-    end = ContainerEnd(
+    if mode != COLD and not streams.stdout and streams.stderr_bytes == before and ended_before(state, written_ns):
+        raise DiedIdle(container, state.get("ExitCode"))
+    return RunResult(
+        ended(state, streams, worker, deadline_hit=deadline_hit),
+        container_id=container,
+        image_id=image_id,
+        start_latency=started - began,
+        duration=time.monotonic() - started,
+        stderr_bytes=streams.stderr_bytes,
+        stdin_bytes=len(payload),
+        phases=phases.done("teardown"),
+        side_channel_problems=streams.lines.problems(),
+        mode=mode,
+    )
+
+
+def ended(state: dict[str, Any], streams: Streams, worker: WorkerConfig, *, deadline_hit: bool) -> ContainerEnd:
+    """What the container's state (``State`` of an inspect) and its streams say of how a task ended."""
+    return ContainerEnd(
         exit_code=state.get("ExitCode"),
         stdout=bytes(streams.stdout),
         oom_killed=bool(state.get("OOMKilled")),
@@ -172,17 +243,34 @@ def supervise(
         stderr_tail=bytes(streams.stderr_tail[-STDERR_TAIL:]),
         strict=worker.strict,
     )
-    return RunResult(
-        end,
-        container_id=container,
-        image_id=image_id,
-        start_latency=started - began,
-        duration=time.monotonic() - started,
-        stderr_bytes=streams.stderr_bytes,
-        stdin_bytes=len(payload),
-        phases=phases.done("teardown"),
-        side_channel_problems=streams.lines.problems(),
-    )
+
+
+class DiedIdle(Exception):
+    """A warm container had ended before its task was written: no task saw it, another may run the task."""
+
+    def __init__(self, container: str, exit_code: int | None) -> None:
+        super().__init__(f"warm container {container[:12]} had ended (exit code {exit_code}) before its task")
+        self.container = container
+        self.exit_code = exit_code
+
+
+def ended_before(state: dict[str, Any], moment_ns: int) -> bool:
+    """Whether the container had finished before ``moment_ns`` (ns since the epoch), by the engine's clock."""
+    finished = _epoch_ns(state.get("FinishedAt"))
+    return not state.get("Running", False) and finished is not None and finished < moment_ns
+
+
+def _epoch_ns(stamp: Any) -> int | None:
+    """Docker's RFC 3339 time with nanoseconds (``2026-11-30T12:00:00.123456789Z``) in ns, or None."""
+    if not isinstance(stamp, str) or not stamp.endswith("Z") or stamp.startswith("0001-"):
+        return None
+    whole, _, fraction = stamp[:-1].partition(".")
+    try:
+        seconds = datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
+    digits = (fraction if fraction.isdigit() else "0")[:9].ljust(9, "0")
+    return int(seconds) * 1_000_000_000 + int(digits)
 
 
 def engine_end(exc: EngineError) -> ContainerEnd:
@@ -210,7 +298,7 @@ def kill(client: docker.APIClient, container: str) -> None:
         client.wait(container, timeout=30)
 
 
-def _wait(client: docker.APIClient, container: str, deadline: float) -> bool:
+def wait_exit(client: docker.APIClient, container: str, deadline: float) -> bool:
     """Wait for the container to exit by the deadline; kill it and say False if it did not.
 
     Its output has ended, but a worker may close stdout and keep running.
@@ -230,11 +318,11 @@ def _wait(client: docker.APIClient, container: str, deadline: float) -> bool:
 
 
 def _exited(client: docker.APIClient, container: str) -> bool:
-    state, _ = _inspect(client, container)
+    state, _ = inspect_state(client, container)
     return not state.get("Running", False)
 
 
-def _inspect(client: docker.APIClient, container: str) -> tuple[dict[str, Any], str | None]:
+def inspect_state(client: docker.APIClient, container: str) -> tuple[dict[str, Any], str | None]:
     with engine_errors("cannot inspect the container"):
         info = client.inspect_container(container)
     return info.get("State", {}), info.get("Image")

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from runner.sidechannel import Progress, StderrLines, WorkerSpan
+from runner.sidechannel import Mark, Progress, StderrLines, WorkerSpan
 
 STDOUT, STDERR = 1, 2
 STDERR_TAIL = 64 * 1024
@@ -67,6 +67,8 @@ class Streams:
         self.cap_hit: str | None = None
         self.lines = StderrLines()
         self.observe = observe
+        self.ready = False  # the worker said it reads tasks line by line
+        self.done: int | None = None  # the exit code of a line-protocol task's "done" mark
 
     def add(self, stream: int, data: bytes) -> None:
         if self.cap_hit:
@@ -89,7 +91,17 @@ class Streams:
         for item in self.lines.flush():
             self._take(item)
 
-    def _take(self, item: str | WorkerSpan | Progress) -> None:
+    def replied(self) -> bool:
+        """A line-protocol task's reply is whole: its result line, and its "done" mark."""
+        return self.done is not None and self.stdout.endswith(b"\n")
+
+    def _take(self, item: str | WorkerSpan | Progress | Mark) -> None:
+        if isinstance(item, Mark):
+            if item.kind == "ready":
+                self.ready = True
+            else:
+                self.done = item.exit_code
+            return
         if isinstance(item, str):
             self.stderr_tail += item.encode("utf-8", "replace") + b"\n"
             if len(self.stderr_tail) > 2 * self.tail:
@@ -103,16 +115,26 @@ class Streams:
         return self.max_stdout if self.cap_hit == "stdout" else self.max_stderr
 
 
-def exchange(sock: socket.socket, payload: bytes, streams: Streams, deadline: float) -> bool:
-    """Write the task to stdin (then half-close) while reading the output frames.
+def exchange(
+    sock: socket.socket,
+    payload: bytes,
+    streams: Streams,
+    deadline: float,
+    *,
+    demux: Demuxer | None = None,
+    half_close: bool = True,
+    until: Callable[[], bool] | None = None,
+) -> bool:
+    """Write the task to stdin (then half-close, unless told not to) while reading the output frames.
 
     One non-blocking loop does both, so a large task and a large result cannot
     deadlock each other, and a worker that never reads stdin cannot block us.
-    Returns when the output ends or a cap is passed (False), or when the
-    deadline passes (True).
+    Returns when the output ends, a cap is passed or ``until()`` says the reply
+    is whole (False), or when the deadline passes (True). ``demux`` carries
+    frames split across calls on one connection (a reused container's).
     """
     sock.setblocking(False)
-    demux = Demuxer()
+    demux = demux or Demuxer()
     pending = memoryview(payload)
     with selectors.DefaultSelector() as selector:
         selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
@@ -123,7 +145,7 @@ def exchange(sock: socket.socket, payload: bytes, streams: Streams, deadline: fl
                 return True
             for _, mask in selector.select(remaining):
                 if writing and mask & selectors.EVENT_WRITE:
-                    pending, writing = _send_some(sock, pending)
+                    pending, writing = _send_some(sock, pending, half_close)
                     if not writing:
                         selector.modify(sock, selectors.EVENT_READ)
                 if mask & selectors.EVENT_READ:
@@ -137,17 +159,18 @@ def exchange(sock: socket.socket, payload: bytes, streams: Streams, deadline: fl
                         return False
                     for stream, chunk in demux.feed(data):
                         streams.add(stream, chunk)
-                    if streams.cap_hit:
+                    if streams.cap_hit or (until is not None and not writing and until()):
                         return False
 
 
-def _send_some(sock: socket.socket, pending: memoryview) -> tuple[memoryview, bool]:
+def _send_some(sock: socket.socket, pending: memoryview, half_close: bool) -> tuple[memoryview, bool]:
     """Send what the socket takes now; half-close stdin once all is sent. Returns (rest, still writing)."""
     try:
         if pending:
             pending = pending[sock.send(pending[:_CHUNK]) :]
         if not pending:
-            sock.shutdown(socket.SHUT_WR)  # EOF on the worker's stdin
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)  # EOF on the worker's stdin
             return pending, False
     except (BlockingIOError, ssl.SSLWantWriteError):
         pass

@@ -146,6 +146,7 @@ class AttemptFinished(Event):
     phases: tuple[tuple[str, int, int], ...] = ()
     side_channel: str | None = None  # what the side channel dropped, if anything
     cancelled: bool = False  # the host killed it (shutdown past the grace, or a lost lease)
+    mode: str = "cold"  # its container: "cold" (made for it), "prewarm" (started ahead) or "reuse"
     parent: str | None = None
     start_ns: int = 0
     end_ns: int = 0

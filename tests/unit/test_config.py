@@ -888,3 +888,53 @@ def test_the_redis_example_config_is_valid() -> None:
     config = load(SHIPPED.parent / "examples" / "redis" / "workerhost.toml", environ={"WORKERHOST_API_TOKEN": "t" * 32})
     assert config.task_manager.type == "redis"
     assert [w.name for w in config.workers] == [w.name for w in load(SHIPPED, environ={}).workers]
+
+
+# -- warm containers: prewarm and reuse --------------------------------------------------------
+
+
+def test_prewarm_and_reuse_default_to_cold_containers() -> None:
+    worker = _load(WORKER).workers[0]
+    assert (worker.prewarm, worker.reuse, worker.prewarm_ttl, worker.warm_containers()) == (0, 0, 300.0, 0)
+
+
+def test_a_reusing_worker_keeps_one_container_per_slot() -> None:
+    worker = _load(_worker(extra="reuse = 100\nconcurrency = 3\nprewarm_ttl = \"10m\"")).workers[0]
+    assert (worker.reuse, worker.warm_containers(), worker.prewarm_ttl) == (100, 3, 600.0)
+
+
+def test_reuse_is_refused_for_a_strict_worker() -> None:
+    problem = _only_problem(_worker(extra='sandbox = "strict"\nreuse = 10'))
+    assert "workers[0] (x)" in problem
+    assert 'reuse = 10 with sandbox = "strict"' in problem and "untrusted code" in problem
+
+
+def test_prewarm_is_allowed_for_a_strict_worker() -> None:
+    assert _load(_worker(extra='sandbox = "strict"\nprewarm = 2')).workers[0].warm_containers() == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ("reuse = 1", "reuse = 1 is one task per container"),
+        ("reuse = 5\nprewarm = 2", "choose one of them"),
+        ("prewarm = -1", "prewarm"),
+        ("prewarm = 65", "prewarm"),
+        ("prewarm_ttl = 0", "prewarm_ttl"),
+    ],
+)
+def test_bad_warm_settings_are_refused_with_the_field(extra: str, says: str) -> None:
+    assert says in _only_problem(_worker(extra=extra))
+
+
+def test_warm_containers_are_bounded_host_wide_by_their_memory() -> None:
+    text = (
+        '[host]\nwarm_memory = "1g"\n'
+        + _worker("a", '["T.A"]', 'prewarm = 4\nmemory = "256m"')
+        + _worker("b", '["T.B"]', 'reuse = 50\nconcurrency = 2\nmemory = "128m"')
+    )
+    problem = _only_problem(text)
+    assert "host.warm_memory" in problem
+    assert "1280m" in problem or "1.2" in problem  # what they would hold: 4 x 256m + 2 x 128m
+    assert "a 4 x 256m, b 2 x 128m" in problem
+    assert _load(text.replace('"1g"', '"2g"')).host.warm_memory == 2 * GiB

@@ -30,6 +30,7 @@ def run_worker(
     body: str,
     stdin: bytes | None = None,
     retry_on: str = "()",
+    mode: str | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Write a handler script around ``body`` (the handler's body) and run it with ``stdin``."""
     script = tmp_path / "worker.py"
@@ -44,6 +45,10 @@ def run_worker(
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(SDK_DIR)
     env["PYTHONIOENCODING"] = "utf-8"
+    for name in ("WORKERHOST_MODE", "TRACEPARENT", "WORKERHOST_TASK_ID", "WORKERHOST_CORRELATION_ID"):
+        env.pop(name, None)
+    if mode is not None:
+        env["WORKERHOST_MODE"] = mode
     data = json.dumps(ENVELOPE).encode() if stdin is None else stdin
     return subprocess.run(
         [sys.executable, str(script)], input=data, capture_output=True, env=env, timeout=60, check=False
@@ -274,3 +279,79 @@ def test_log_writes_to_stderr(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert reply(proc) == {"success": True, "result": None}
     assert b"working item=a step=2\n" in proc.stderr
+
+
+# -- the task's environment, and the line protocol of reused containers ---------------------------
+
+ENV_BODY = """
+return {k: os.environ.get(k) for k in
+        ("TRACEPARENT", "WORKERHOST_TASK_ID", "WORKERHOST_CORRELATION_ID", "WORKERHOST_ATTEMPT")}
+"""
+
+
+def test_the_tasks_ids_are_set_in_the_environment_from_the_envelope(tmp_path: Path) -> None:
+    """A prewarmed container was started before its task: the SDK sets what a cold one has from its start."""
+    proc = run_worker(tmp_path, ENV_BODY, mode="prewarm")
+    assert proc.returncode == 0, proc.stderr
+    assert reply(proc)["result"] == {
+        "TRACEPARENT": ENVELOPE["traceparent"],
+        "WORKERHOST_TASK_ID": "task-123",
+        "WORKERHOST_CORRELATION_ID": "c0ffee",
+        "WORKERHOST_ATTEMPT": "2",
+    }
+
+
+def lines_of(*envelopes: dict[str, Any] | bytes) -> bytes:
+    return b"".join(e if isinstance(e, bytes) else json.dumps(e).encode() + b"\n" for e in envelopes)
+
+
+def marks(stderr: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith(b'{"workerhost"')]
+
+
+def test_reuse_mode_answers_one_line_per_task_line_with_a_done_mark_each(tmp_path: Path) -> None:
+    second = {**ENVELOPE, "id": "task-124", "params": {"text": "fail"}, "attempt": 1}
+    third = {**ENVELOPE, "id": "task-125", "traceparent": None}
+    body = """
+    if task.params["text"] == "fail":
+        raise sdk.RetriableError("busy")
+    return {k: os.environ.get(k) for k in ("WORKERHOST_TASK_ID", "TRACEPARENT", "WORKERHOST_ATTEMPT")}
+    """
+    proc = run_worker(tmp_path, body, stdin=lines_of(ENVELOPE, second, b"\n", b"not json\n", third), mode="reuse")
+    assert proc.returncode == 0, proc.stderr  # stdin ended: the worker is done
+    replies = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert replies[0]["result"] == {
+        "WORKERHOST_TASK_ID": "task-123", "TRACEPARENT": ENVELOPE["traceparent"], "WORKERHOST_ATTEMPT": "2",
+    }  # fmt: skip
+    assert replies[1]["error"] == {"type": "RetriableError", "message": "busy", "retriable": True}
+    assert replies[2]["error"]["type"] == "InvalidTask"
+    # The third task carries no traceparent: it must not inherit the first task's.
+    assert replies[3]["result"] == {"WORKERHOST_TASK_ID": "task-125", "TRACEPARENT": None, "WORKERHOST_ATTEMPT": "2"}
+    assert marks(proc.stderr) == [
+        {"workerhost": "ready", "protocol": 1},
+        {"workerhost": "done", "exit_code": 0},
+        {"workerhost": "done", "exit_code": 1},
+        {"workerhost": "done", "exit_code": 2},
+        {"workerhost": "done", "exit_code": 0},
+    ]
+
+
+def test_reuse_mode_puts_a_tasks_stderr_before_its_done_mark(tmp_path: Path) -> None:
+    body = """
+    print("printed by " + task.id)
+    sys.stderr.write("written by " + task.id + "\\n")
+    return 1
+    """
+    proc = run_worker(tmp_path, body, stdin=lines_of(ENVELOPE, {**ENVELOPE, "id": "task-2"}), mode="reuse")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.decode().splitlines()[1:] == [
+        "printed by task-123", "written by task-123", '{"workerhost":"done","exit_code":0}',
+        "printed by task-2", "written by task-2", '{"workerhost":"done","exit_code":0}',
+    ]  # fmt: skip
+
+
+def test_reuse_mode_ends_with_the_process_when_the_handler_exits(tmp_path: Path) -> None:
+    proc = run_worker(tmp_path, "sys.exit(7)", stdin=lines_of(ENVELOPE, ENVELOPE), mode="reuse")
+    assert proc.returncode == 7
+    assert proc.stdout == b""
+    assert marks(proc.stderr) == [{"workerhost": "ready", "protocol": 1}]

@@ -12,6 +12,7 @@ from runner.sidechannel import (
     MAX_LINE,
     MAX_LOG_LINES,
     MAX_SPANS,
+    Mark,
     Progress,
     StderrLines,
     WorkerSpan,
@@ -435,3 +436,16 @@ def test_missing_or_empty_attrs_mean_no_attributes() -> None:
 def test_progress_message_is_cut() -> None:
     (item,) = StderrLines().feed(progress_line(50, "m" * 5000))
     assert item == Progress(50.0, "m" * 1000)
+
+
+def test_line_protocol_marks_are_side_channel_events() -> None:
+    lines = StderrLines()
+    items = lines.feed(b'{"workerhost":"ready","protocol":1}\nlog\n{"workerhost":"done","exit_code":3}\n')
+    assert items == [Mark("ready"), "log", Mark("done", 3)]
+
+
+@pytest.mark.parametrize("code", ['"0"', "true", "-1", "256", "1.5"])
+def test_a_done_mark_with_a_bad_exit_code_is_malformed(code: str) -> None:
+    lines = StderrLines()
+    assert lines.feed(b'{"workerhost":"done","exit_code":' + code.encode() + b"}\n") == []
+    assert lines.malformed == 1
