@@ -20,7 +20,7 @@ from runner.config import WorkerConfig
 from runner.docker import LABEL_HOST, DockerRunner, RunResult
 from runner.docker.labels import LABEL_POOL
 from runner.protocol import Envelope, Outcome, Status, classify
-from tests.conftest import TEST_IMAGES, new_host_id
+from tests.conftest import TEST_IMAGES, new_host_id, unavailable
 from tests.serving import Serve, config_text, free_port
 
 pytestmark = pytest.mark.docker
@@ -231,6 +231,21 @@ def test_a_warm_task_can_be_cancelled(warm_runner: Callable[..., DockerRunner]) 
     wait_until("the kill delivered", lambda: runner.cancel(task.id))
     thread.join(30)
     assert results and results[0].cancelled and results[0].mode == "prewarm"
+
+
+def test_a_strict_worker_runs_prewarmed_under_gvisor(
+    docker_client: Any, warm_runner: Callable[..., DockerRunner]
+) -> None:
+    if "runsc" not in (docker_client.info().get("Runtimes") or {}):
+        unavailable("gVisor (runsc) is not registered with the engine: run `make sandbox`")
+    config = worker(prewarm=1, sandbox="strict")
+    runner = warm_runner(config)
+    wait_until("a prewarmed gVisor container", full(runner))
+    [warm] = pool_containers(docker_client, runner, running=True)
+    assert docker_client.inspect_container(warm["Id"])["HostConfig"]["Runtime"] == "runsc"
+    result, outcome = run(runner, config)
+    assert outcome.status is Status.COMPLETED, outcome
+    assert result.mode == "prewarm" and outcome.result["container"] == warm["Id"][:12]
 
 
 # -- reuse -----------------------------------------------------------------------------------
