@@ -74,6 +74,7 @@ bench: install build-images
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_tracing.py
 	$(PY) bench/bench_sources.py
+	$(PY) bench/bench_modes.py
 	-$(PY) bench/bench_sandbox.py
 
 # Remove containers that workerhost left behind (a killed host, an interrupted test run).

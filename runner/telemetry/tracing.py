@@ -39,7 +39,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from runner import __version__
 from runner.config import TelemetryConfig
-from runner.telemetry import events
+from runner.telemetry import events, otlp_endpoint
 from runner.telemetry.context import TraceContext, child_of, parse
 from runner.telemetry.events import Event
 
@@ -50,7 +50,7 @@ _MAX_PROGRESS = 128  # progress events kept on one attempt span (the latest), as
 
 def exporter_for(config: TelemetryConfig) -> SpanExporter | None:
     """The OTLP exporter the config and the ``OTEL_*`` variables ask for, or None for no export."""
-    endpoint = config.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    endpoint = otlp_endpoint(config)
     if not endpoint:
         return None
     protocol = config.otlp_protocol or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
@@ -232,6 +232,7 @@ _ATTEMPT_ATTRIBUTES = {
     "stderr_bytes": "workerhost.stderr.bytes",
     "error": "workerhost.error",
     "duration": "workerhost.duration_seconds",
+    "mode": "workerhost.container.mode",
 }
 
 
