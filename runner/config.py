@@ -17,10 +17,8 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple, NoReturn
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -34,9 +32,11 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
-from referencing import Registry
 
 from runner.errors import ConfigError
+
+if TYPE_CHECKING:  # jsonschema is imported only for a worker with a params_schema (50 ms of every start)
+    from jsonschema import Draft202012Validator
 
 DEFAULT_PATH = "workerhost.toml"
 ENV_CONFIG = "WORKERHOST_CONFIG"
@@ -449,6 +449,9 @@ def _read_schema(value: str, info: ValidationInfo) -> dict[str, Any]:
 
 
 def _check_schema(schema: dict[str, Any], what: str) -> None:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
@@ -515,6 +518,9 @@ class WorkerConfig(_Section):
             _reject(problems)
         if self.params_schema is not None:
             # No registry of remote schemas: a "$ref" to a URL is never fetched (it is a problem when applied).
+            from jsonschema import Draft202012Validator
+            from referencing import Registry
+
             self._params_validator = Draft202012Validator(
                 self.params_schema, registry=Registry(), format_checker=Draft202012Validator.FORMAT_CHECKER
             )
