@@ -287,11 +287,33 @@ def _completed(tasks: list[dict[str, Any]]) -> None:
         raise NotAvailable(f"{len(bad)} trivial tasks did not complete, e.g. {json.dumps(bad[0])[:300]}")
 
 
-def latencies(measure: Callable[[int], float], count: int, warm: int) -> list[float]:
+def latencies(measure: Callable[[int], float], count: int, warm: int, ready: Callable[[], None]) -> list[float]:
+    """``count`` requests one at a time, each when ``ready`` says the host is idle again."""
     for n in range(warm):
         measure(n)
-    time.sleep(1.0)  # a pool refills after the warm-up, as it would between bursts
-    return [measure(warm + n) for n in range(count)]
+    times = []
+    for n in range(count):
+        ready()
+        times.append(measure(warm + n))
+    return times
+
+
+def settled(host: Serve) -> Callable[[], None]:
+    """Wait until the previous task's container is gone and the worker's warm containers (if any) are
+    all ready again: latency at a rate the host sustains, as a user sees it between bursts. The
+    same pause in every mode, so that no mode is measured while the engine finishes another's work."""
+
+    def ready() -> None:
+        deadline = time.monotonic() + 10.0
+        time.sleep(0.1)
+        while time.monotonic() < deadline:
+            health = host.http.get(f"/workers/{TYPE}/health").json()
+            warm = health.get("warm")
+            if not warm or warm["idle"] >= warm["target"] or warm.get("broken"):
+                return
+            time.sleep(0.02)
+
+    return ready
 
 
 # -- the sections ----------------------------------------------------------------------------
@@ -441,7 +463,7 @@ def run_sections(figures: Figures, tmp: Path, n: _Counts, before: str) -> None:
 
         def serve_mode(mode: str = mode, extra: str = extra) -> None:
             with serving(tmp, mode, extra) as host:
-                times = latencies(lambda i: waited(host, i), n.sequential, n.warm)
+                times = latencies(lambda i: waited(host, i), n.sequential, n.warm, settled(host))
                 values[f"{mode}_p50"], values[f"{mode}_p99"] = p50(times), p99(times)
                 docker = values.get("docker_run")
                 against = f"  {values[f'{mode}_p50'] / docker:.2f}x docker run" if docker else ""
@@ -461,7 +483,7 @@ def run_sections(figures: Figures, tmp: Path, n: _Counts, before: str) -> None:
             if "runsc" not in (client.info().get("Runtimes") or {}):
                 raise NotAvailable("gVisor (runsc) is not registered with the engine: `make sandbox`")
             with serving(tmp, mode, extra) as host:
-                times = latencies(lambda i: waited(host, i), n.strict, n.warm)
+                times = latencies(lambda i: waited(host, i), n.strict, n.warm, settled(host))
                 values[f"{mode}_p50"] = p50(times)
                 print(f"  POST ?wait {mode:<15}    p50 {ms(p50(times))}  p99 {ms(p99(times))}")
 

@@ -1,5 +1,10 @@
 """The HTTP face of ``workerhost serve``: submit and inspect tasks, health, workers, metrics.
 
+``POST /tasks`` takes one task or a batch (a JSON array, stored whole or not at all), and
+with ``?wait=SECONDS`` answers once the tasks have ended (200) or the wait is over (202), as
+``GET /tasks/{id}?wait=`` does for one: a waiter is woken by the host's own events, and by one
+slow poll of the store for what another host settles (runner/waiting.py).
+
 FastAPI validates requests with pydantic and serves the OpenAPI description
 at ``/openapi.json`` (and a browsable one at ``/docs``), exact for this host:
 every status each route answers, the configured task types and their params
@@ -12,6 +17,7 @@ routes, ``runner.auth.Guard`` checks the Host, the Origin and the token.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -19,29 +25,31 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runner import __version__, jsondata
 from runner.auth import Guard, public_health, shows_details
-from runner.config import Config
+from runner.config import Config, WorkerConfig
 from runner.errors import EngineError
 from runner.host import Host
-from runner.sources import NotKept, SourceUnavailable, TaskStore
+from runner.sources import KeyConflict, NewTask, NotKept, SourceUnavailable, TaskStore
 from runner.telemetry import context, events
 from runner.telemetry.metrics import Metrics
+from runner.waiting import FINAL, Waiters, hung_up
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 LIST_BUDGET = 8 * 1024**2  # bytes of stored params, results and stderr that one full list may carry
+MAX_BATCH = 1000  # tasks in one POST /tasks
+MAX_WAIT = 300.0  # seconds that one ?wait may hold a request
 TRACEPARENT = r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$"  # W3C, version 00, ids not zero
 CORRELATION_ID = r"^[\x21-\x7e]{1,128}$"  # printable ASCII without spaces: safe in logs, headers and env
 
@@ -79,17 +87,6 @@ class TaskIn(BaseModel):
         description="W3C trace context to continue (the traceparent header wins)",
         json_schema_extra={"pattern": TRACEPARENT},
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_text(cls, data: Any) -> Any:
-        # A body sent without a JSON Content-Type (curl -d) arrives as bytes: it is JSON all the same.
-        if isinstance(data, bytes):  # (a str is a JSON string that was sent: not an object, refused as such)
-            value, problem = jsondata.loads(data, "the body")
-            if problem is not None:
-                raise PydanticCustomError("json_invalid", "{problem}", {"problem": problem})
-            return value
-        return data
 
     @field_validator("params")
     @classmethod
@@ -171,6 +168,10 @@ def create_app(host: Host, metrics: Metrics, queue: TaskStore | None) -> FastAPI
         description="Run queued tasks, each in its own Docker container.",
     )
     app.state.host, app.state.metrics, app.state.queue = host, metrics, queue
+    app.state.waiters = None
+    if queue is not None:
+        app.state.waiters = Waiters(lambda ids: asyncio.to_thread(queue.statuses, ids))
+        host.hooks.add(app.state.waiters)  # woken by the host's own TaskCompleted and TaskFailed
     app.add_middleware(BodyLimit, limit=host.config.host.max_body)
     # Added last, so outermost: the Host check and the token come before a body is read. The routes
     # name a refused request in the audit (the included router is one opaque entry of app.routes).
@@ -193,6 +194,17 @@ def _described(app: FastAPI, config: Config) -> Callable[[], dict[str, Any]]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = generate()
+        # The body is one task or a batch of them: read by the route itself (_read_body), described here.
+        schema["components"]["schemas"]["TaskIn"] = TaskIn.model_json_schema(ref_template=_REF)
+        one = {"$ref": _REF.format(model="TaskIn")}
+        batch = {"type": "array", "items": one, "minItems": 1, "maxItems": MAX_BATCH, "title": "TaskIn batch",
+                 "description": f"1 to {MAX_BATCH} tasks, stored together or not at all"}  # fmt: skip
+        submit = schema["paths"]["/tasks"]["post"]
+        submit["requestBody"] = {"required": True, "content": {"application/json": {"schema": {"oneOf": [one, batch]}}}}
+        for operation in (submit, schema["paths"]["/tasks/{task_id}"]["get"]):
+            for parameter in operation["parameters"]:
+                if parameter["name"] == "wait":  # a number when given (not "number or null": it is left out)
+                    parameter["schema"] = {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_WAIT}
         task_in = schema["components"]["schemas"]["TaskIn"]
         task_in["properties"]["type"]["enum"] = config.task_types()
         typed = _typed_params(task_in, config)
@@ -210,7 +222,7 @@ def _described(app: FastAPI, config: Config) -> Callable[[], dict[str, Any]]:
                         operation["responses"].setdefault("401", {"description": _MEANINGS[401],
                                                                   "content": _error_content()})  # fmt: skip
         by_id = {"task_id": "$response.body#/id"}
-        schema["paths"]["/tasks"]["post"]["responses"]["201"]["links"] = {
+        submit["responses"]["201"]["links"] = {
             name: {"operationId": operation, "parameters": by_id}
             for name, operation in (("GetTask", "get_task"), ("RetryTask", "retry_task"), ("DeleteTask", "delete_task"))
         }
@@ -237,10 +249,11 @@ _MEANINGS = {
     404: "no such task or worker",
     409: "the task's state, or an idempotency key that names another task, does not allow it",
     413: "the body is over [host] max_body",
-    422: "the request is invalid: each problem with its field",
-    501: "tasks live in another task manager",
+    422: "the request is invalid: each problem with its field (in a batch, with its index: [3].params)",
+    501: "tasks live in another task manager, or it does not keep what was asked for",
     503: "the task queue does not answer",
 }
+_REF = "#/components/schemas/{model}"
 
 
 def _typed_params(task_in: dict[str, Any], config: Config) -> dict[str, Any] | None:
@@ -299,13 +312,68 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 # -- tasks ------------------------------------------------------------------------------
 
 
+Wait = Annotated[
+    float | None,
+    Query(
+        gt=0, le=MAX_WAIT, allow_inf_nan=False,
+        description=f"answer once the task has ended (200), or after this many seconds (202), {MAX_WAIT:g} at most",
+    ),
+]  # fmt: skip
+OneOrMany = TaskOut | list[TaskOut]
+
+
 @router.post(
-    "/tasks", status_code=201, summary="Submit a task", operation_id="submit_task", response_model=None,
-    responses={201: {"model": TaskOut, "description": "the task, stored"},
-               200: {"model": TaskOut, "description": "the task this idempotency key already names, unchanged"},
-               **_errors(400, 409, 413, 422, 503)},
+    "/tasks", status_code=201, summary="Submit a task, or a batch of tasks", operation_id="submit_task",
+    response_model=None,
+    responses={201: {"model": OneOrMany, "description": "the task (a batch: every task, in order), stored"},
+               200: {"model": OneOrMany, "description": "with wait: the task (every task of a batch) ended; "
+                     "without: the task each idempotency key already names, unchanged"},
+               202: {"model": OneOrMany, "description": "with wait: stored, and not ended when the wait was over"},
+               **_errors(400, 409, 413, 422, 501, 503)},
 )  # fmt: skip
-async def submit(body: TaskIn, request: Request, response: Response, host: HostDep, queue: QueueDep) -> dict[str, Any]:
+async def submit(
+    body: Annotated[Any, Body()],
+    request: Request,
+    response: Response,
+    host: HostDep,
+    queue: QueueDep,
+    wait: Wait = None,
+) -> Any:
+    """One task, or a JSON array of 1 to 1000 stored in one transaction or not at all (every error listed)."""
+    if isinstance(body, bytes):  # sent without a JSON Content-Type (curl -d): JSON all the same
+        body = _read_body(body)
+    if wait is not None and not queue.keeps_tasks:
+        raise ApiError(501, f"the {host.config.task_manager.type} task manager does not keep tasks: submit "
+                       "without wait, and follow the task where its results go")  # fmt: skip
+    if isinstance(body, list):
+        tasks, created = await _submit_batch(body, request, host, queue)
+    else:
+        task, created = await _submit_one(_task_in(body), request, host, queue)
+        tasks = [task]
+    if wait is None:
+        response.status_code = 201 if created else 200
+        return tasks if isinstance(body, list) else tasks[0]
+    waited = [found or stored for found, stored in zip(await _waited(request, queue, tasks, wait), tasks, strict=True)]
+    response.status_code = 200 if all(t["status"] in FINAL for t in waited) else 202
+    return waited if isinstance(body, list) else waited[0]
+
+
+def _read_body(data: bytes) -> Any:
+    value, problem = jsondata.loads(data, "the body")
+    if problem is not None:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": problem, "input": None}])
+    return value
+
+
+def _task_in(body: Any) -> TaskIn:
+    """One task, checked as FastAPI checks a body (its errors are the same 422)."""
+    try:
+        return TaskIn.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+async def _submit_one(body: TaskIn, request: Request, host: Host, queue: TaskStore) -> tuple[dict[str, Any], bool]:
     worker = host.config.worker_for(body.type)
     if worker is None:
         raise ApiError(422, f"unknown task type {body.type!r}", known=host.config.task_types())
@@ -314,17 +382,11 @@ async def submit(body: TaskIn, request: Request, response: Response, host: HostD
         details = [{"field": line.partition(":")[0], "message": line} for line in problems]
         raise ApiError(422, f"params do not fit {body.type}'s params_schema: {'; '.join(problems)}", details=details)
     start_ns = time.time_ns()
-    task_id = str(uuid.uuid4())
-    correlation_id = body.correlation_id or uuid.uuid4().hex
-    # A traceparent header that is not W3C is ignored, as the W3C says: the trace starts here.
-    header = request.headers.get("traceparent")
-    incoming = (header if context.parse(header) else None) or body.traceparent
-    # The submit span's context when something traces (the span is recorded only once the task is
-    # stored); otherwise the caller's context goes on with the task as it came.
-    traceparent = host.hooks.span_context(incoming) or incoming
+    new = _new_task(body, worker, request, host)
     task, created = await _call(
-        queue.submit, body.type, body.params, max_attempts=worker.max_retries + 1, priority=body.priority,
-        idempotency_key=body.idempotency_key, correlation_id=correlation_id, traceparent=traceparent, task_id=task_id,
+        queue.submit, new.type, new.params, max_attempts=new.max_attempts, priority=new.priority,
+        idempotency_key=new.idempotency_key, correlation_id=new.correlation_id, traceparent=new.traceparent,
+        task_id=new.task_id,
     )  # fmt: skip
     if not created:
         # Compared as JSON text: {"a": true}, {"a": 1.0} and {"a": 1} are three different tasks.
@@ -332,27 +394,127 @@ async def submit(body: TaskIn, request: Request, response: Response, host: HostD
             raise ApiError(
                 409, f"idempotency key {body.idempotency_key!r} already names task {task['id']} with other content"
             )
-        response.status_code = 200
-        return dict(task)
+        return dict(task), False
     host.wake()
+    _submitted(host, new, _incoming(body, request), start_ns)
+    return dict(task), True
+
+
+async def _submit_batch(
+    items: list[Any], request: Request, host: Host, queue: TaskStore
+) -> tuple[list[dict[str, Any]], bool]:
+    """Every task checked (every problem listed, by index), then stored in one transaction."""
+    if not items:
+        raise ApiError(422, f"an empty batch: send 1 to {MAX_BATCH} tasks")
+    if len(items) > MAX_BATCH:
+        raise ApiError(422, f"a batch holds at most {MAX_BATCH} tasks; this one has {len(items)}")
+    checked: list[tuple[TaskIn, WorkerConfig]] = []
+    details: list[dict[str, Any]] = []
+    unknown = False
+    for n, item in enumerate(items):
+        try:
+            body = TaskIn.model_validate(item)
+        except ValidationError as exc:
+            details += [{"field": f"[{n}]" + "".join(f".{p}" for p in e["loc"]), "message": e["msg"] + _got(e)}
+                        for e in exc.errors()]  # fmt: skip
+            continue
+        worker = host.config.worker_for(body.type)
+        if worker is None:
+            unknown = True
+            details.append({"field": f"[{n}].type", "message": f"unknown task type {body.type!r}"})
+            continue
+        for line in worker.params_problems(body.params):
+            field, _, message = line.partition(":")
+            details.append({"field": f"[{n}].{field}", "message": message.strip()})
+        checked.append((body, worker))
+    if details:
+        known = {"known": host.config.task_types()} if unknown else {}
+        raise ApiError(422, _listed("invalid batch, nothing stored", details), details=details, **known)
+    start_ns = time.time_ns()
+    new = [_new_task(body, worker, request, host) for body, worker in checked]
+    try:
+        stored = await _call(queue.submit_many, new)
+    except KeyConflict as exc:
+        details = [{"field": f"[{n}].idempotency_key",
+                    "message": f"{new[n].idempotency_key!r} already names {names} with other content"}
+                   for n, names in exc.conflicts]  # fmt: skip
+        raise ApiError(409, _listed("idempotency keys that name other content, nothing stored", details),
+                       details=details) from None  # fmt: skip
+    fresh = [n for n, (_, created) in enumerate(stored) if created]
+    if fresh:
+        host.wake()
+    for n in fresh:
+        _submitted(host, new[n], _incoming(checked[n][0], request), start_ns)
+    return [dict(task) for task, _ in stored], bool(fresh)
+
+
+def _incoming(body: TaskIn, request: Request) -> str | None:
+    """The trace context the caller sent: a W3C traceparent header, else the body's field (a header
+    that is not W3C is ignored, as the W3C says: the trace starts here)."""
+    header = request.headers.get("traceparent")
+    return (header if context.parse(header) else None) or body.traceparent
+
+
+def _new_task(body: TaskIn, worker: WorkerConfig, request: Request, host: Host) -> NewTask:
+    incoming = _incoming(body, request)
+    # The submit span's context when something traces (the span is recorded only once the task is
+    # stored); otherwise the caller's context goes on with the task as it came.
+    traceparent = host.hooks.span_context(incoming) or incoming
+    return NewTask(
+        body.type, body.params, worker.max_retries + 1, body.priority, body.idempotency_key,
+        body.correlation_id or uuid.uuid4().hex, traceparent, str(uuid.uuid4()),
+    )  # fmt: skip
+
+
+def _submitted(host: Host, task: NewTask, incoming: str | None, start_ns: int) -> None:
     host.hooks.emit(
         events.TaskSubmitted(
-            task_id=task_id, task_type=body.type, correlation_id=correlation_id, traceparent=traceparent,
-            parent=incoming if context.parse(incoming) else None, start_ns=start_ns, end_ns=time.time_ns(),
+            task_id=task.task_id, task_type=task.type, correlation_id=task.correlation_id,
+            traceparent=task.traceparent, parent=incoming if context.parse(incoming) else None, start_ns=start_ns,
+            end_ns=time.time_ns(),
         )
     )  # fmt: skip
-    return dict(task)
+
+
+def _listed(what: str, details: list[dict[str, Any]], shown: int = 20) -> str:
+    """``what``, then the first problems (every one is in ``details``)."""
+    listed = "; ".join(f"{d['field']}: {d['message']}" for d in details[:shown])
+    more = f"; and {len(details) - shown} more (see details)" if len(details) > shown else ""
+    return f"{what}: {listed}{more}"
 
 
 @router.get(
     "/tasks/{task_id}", summary="One task: status, attempts, params, result or error", operation_id="get_task",
-    response_model=None, responses={200: {"model": TaskOut}, **_errors(404, 503)},
+    response_model=None,
+    responses={200: {"model": TaskOut, "description": "the task (with wait: it has ended)"},
+               202: {"model": TaskOut, "description": "with wait: the task, not ended when the wait was over"},
+               **_errors(404, 422, 501, 503)},
 )  # fmt: skip
-async def get_task(task_id: str, queue: QueueDep) -> dict[str, Any]:
+async def get_task(
+    task_id: str, request: Request, response: Response, queue: QueueDep, wait: Wait = None
+) -> dict[str, Any]:
     task = await _call(queue.get, task_id)
     if task is None:
         raise ApiError(404, f"no task {task_id}")
-    return dict(task)
+    if wait is None or task["status"] in FINAL:
+        return dict(task)
+    [found] = await _waited(request, queue, [task], wait)
+    if found is None:
+        raise ApiError(404, f"no task {task_id} (it was deleted while waited for)")
+    response.status_code = 200 if found["status"] in FINAL else 202
+    return dict(found)
+
+
+async def _waited(
+    request: Request, queue: TaskStore, tasks: list[dict[str, Any]], seconds: float
+) -> list[dict[str, Any] | None]:
+    """Each task once it has ended, or as it is when ``seconds`` have passed (None: it is gone).
+    A caller that hangs up ends the wait: the tasks as given."""
+    waiters: Waiters = request.app.state.waiters
+    found = await waiters.until_all_final(
+        [t["id"] for t in tasks], seconds, functools.partial(_call, queue.get), lambda: hung_up(request.receive)
+    )
+    return list(tasks) if found is None else found
 
 
 @router.delete("/tasks/{task_id}", status_code=204, summary="Delete a task that is not running",

@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     submit.add_argument("type", metavar="TYPE")
     submit.add_argument("params", metavar="PARAMS", help="a JSON object, or - for stdin")
-    submit.add_argument("--wait", action="store_true", help="wait for the task to end")
+    submit.add_argument("--wait", action="store_true", help="wait for the task to end (the host answers when it ends)")
     submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
     submit.add_argument("--idempotency-key", default=None, help="the same key returns the same task")
     submit.add_argument("--priority", type=int, default=None, help="higher runs first")
@@ -363,15 +363,17 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     client = _client(args)
+    extra = {"idempotency_key": args.idempotency_key, "priority": args.priority}
     try:
-        task = client.submit(args.type, params, idempotency_key=args.idempotency_key, priority=args.priority)
+        if args.wait:  # the host answers when the task ends (?wait), in steps until --timeout
+            task = client.submit_and_wait(args.type, params, timeout=args.timeout, **extra)
+        else:
+            task = client.submit(args.type, params, **extra)
     except ApiUnavailable as exc:
         if exc.status == 422:  # an unknown type, params that are not an object
             print(f"workerhost: {exc}", file=sys.stderr)
             return EXIT_USAGE
         raise
-    if args.wait:
-        task = client.wait(task["id"], timeout=args.timeout)
     print(json.dumps(task, ensure_ascii=False))
     return exit_code(task) if args.wait else 0
 

@@ -11,6 +11,7 @@ from runner.config import ENV_TOKEN
 from runner.errors import WorkerhostError
 
 FINAL = ("completed", "failed", "dead")
+WAIT_STEP = 60.0  # seconds that one request with ?wait holds at most (the host takes up to 300)
 
 
 class ApiUnavailable(WorkerhostError):
@@ -22,17 +23,32 @@ class ApiUnavailable(WorkerhostError):
 
 
 class Client:
-    """``submit``, ``get``, ``list``, ``retry`` and ``wait`` against ``base_url``, with ``token`` if given."""
+    """``submit``, ``get``, ``list``, ``retry`` and ``wait`` against ``base_url``, with ``token`` if given
+    (``transport``: httpx's, for tests)."""
 
-    def __init__(self, base_url: str, timeout: float = 30.0, token: str | None = None) -> None:
+    def __init__(
+        self, base_url: str, timeout: float = 30.0, token: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:  # fmt: skip
         self.base_url = base_url.rstrip("/")
         self._token = bool(token)
+        self._timeout = timeout
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
 
     def submit(self, task_type: str, params: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        body = {"type": task_type, "params": params, **{k: v for k, v in extra.items() if v is not None}}
-        return self._object("POST", "/tasks", json=body)
+        return self._object("POST", "/tasks", json=_body(task_type, params, extra))
+
+    def submit_and_wait(
+        self, task_type: str, params: dict[str, Any], timeout: float | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        """Submit, and wait until the task is completed, failed or dead (``POST /tasks?wait``, then
+        ``wait``); ApiUnavailable when ``timeout`` passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        task = self._object("POST", "/tasks", json=_body(task_type, params, extra), **self._step(deadline))
+        if task["status"] in FINAL:
+            return task
+        return self._until_final(task["id"], deadline, timeout)
 
     def get(self, task_id: str) -> dict[str, Any]:
         return self._object("GET", f"/tasks/{task_id}")
@@ -45,17 +61,30 @@ class Client:
     def retry(self, task_id: str) -> dict[str, Any]:
         return self._object("POST", f"/tasks/{task_id}/retry")
 
-    def wait(self, task_id: str, timeout: float | None = None, interval: float = 0.2) -> dict[str, Any]:
-        """Poll until the task is completed, failed or dead (or ``timeout`` passes)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def wait(self, task_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Until the task is completed, failed or dead (ApiUnavailable when ``timeout`` passes first)."""
+        return self._until_final(task_id, None if timeout is None else time.monotonic() + timeout, timeout)
+
+    def _until_final(self, task_id: str, deadline: float | None, timeout: float | None) -> dict[str, Any]:
+        """``GET /tasks/{id}?wait=``, again and again: the host answers the moment the task ends, and each
+        request holds at most WAIT_STEP seconds (no poll of our own)."""
         while True:
-            task = self.get(task_id)
+            step = self._step(deadline)
+            asked = time.monotonic()
+            task = self._object("GET", f"/tasks/{task_id}", **step)
             if task["status"] in FINAL:
                 return task
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise ApiUnavailable(f"task {task_id} is still {task['status']} after {timeout:g}s")
-            time.sleep(interval)
-            interval = min(interval * 1.5, 2.0)
+            if time.monotonic() - asked < step["params"]["wait"] / 2:
+                # Answered at once, not ended: a host from before ?wait. Ask it again in a while, not at once.
+                time.sleep(0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic())))
+
+    def _step(self, deadline: float | None) -> dict[str, Any]:
+        """The next request's ?wait (WAIT_STEP at most, and no further than the deadline), and its timeout."""
+        seconds = WAIT_STEP if deadline is None else min(WAIT_STEP, deadline - time.monotonic())
+        seconds = round(max(seconds, 0.001), 3)  # the host takes 0 < wait <= 300
+        return {"params": {"wait": seconds}, "timeout": self._timeout + seconds}
 
     def close(self) -> None:
         self._http.close()
@@ -94,6 +123,10 @@ class Client:
             f"workerhost at {self.base_url} refused the request: {sent} ({said or 'HTTP 401'}); "
             f"set {ENV_TOKEN} to one of its tokens ([host] api_token or api_tokens)"
         )
+
+
+def _body(task_type: str, params: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    return {"type": task_type, "params": params, **{k: v for k, v in extra.items() if v is not None}}
 
 
 def exit_code(task: dict[str, Any]) -> int:

@@ -6,6 +6,9 @@ folder (``embedded.py``, ``http.py``) that translates its driver's errors into
 is no longer ours). The port fits a queue with leases (SQLite), an HTTP API
 with claims, and message brokers with ack/nack and redelivery.
 
+The host claims with ``claim_many``: as many tasks as it has room for, in one round trip where the
+backend can (the embedded queue and Redis do; the default takes one with ``claim``).
+
 A source says what it can do in ``capabilities`` instead of the host probing
 for methods: whether and how often it renews a claim, whether it owns retries,
 whether it takes progress, whether a task can be handed back, whether it keeps
@@ -16,7 +19,7 @@ method does nothing (the base class's default), and the host does not call it.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -53,12 +56,38 @@ class NotKept(WorkerhostError):
     answers 501 with this message, which says where the answer is instead."""
 
 
+class KeyConflict(WorkerhostError):
+    """A batch was not stored: idempotency keys in it name tasks with other content. ``conflicts``
+    holds (the item's index, what its key names: ``"task {id}"`` or ``"[i] of this batch"``)."""
+
+    def __init__(self, conflicts: list[tuple[int, str]]) -> None:
+        super().__init__(f"{len(conflicts)} idempotency keys name other content")
+        self.conflicts = conflicts
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """One task of a batch to submit (``TaskStore.submit_many``), with what ``submit`` takes."""
+
+    type: str
+    params: dict[str, Any]
+    max_attempts: int
+    priority: int = 0
+    idempotency_key: str | None = None
+    correlation_id: str | None = None
+    traceparent: str | None = None
+    task_id: str | None = None
+
+
 class TaskStore(Protocol):
     """What the HTTP API needs of a source: the embedded queue and Redis keep tasks and answer all
-    of it; a source that only carries tasks (AMQP) submits and raises ``NotKept`` for the rest.
+    of it; a source that only carries tasks (AMQP, ``keeps_tasks`` False) submits one at a time and
+    raises ``NotKept`` for the rest.
 
     Calls are synchronous and short; the API runs them in a thread. ``SourceUnavailable`` is a 503.
     """
+
+    keeps_tasks: bool  # whether get, page, statuses... answer (False: they raise NotKept)
 
     def submit(
         self, task_type: str, params: dict[str, Any], max_attempts: int, priority: int = 0,
@@ -68,7 +97,17 @@ class TaskStore(Protocol):
         """Store (or publish) a task; returns it as the API shows it, and whether it is new."""
         ...
 
+    def submit_many(self, tasks: Sequence[NewTask]) -> list[tuple[dict[str, Any], bool]]:
+        """Store every task in one transaction, or none: each as ``submit`` returns it, in order.
+        An idempotency key follows ``submit``'s rule, within the batch too; one that names other
+        content (another type, or params that are other JSON text) raises ``KeyConflict``."""
+        ...
+
     def get(self, task_id: str) -> dict[str, Any] | None: ...
+
+    def statuses(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """The status of each of these tasks that exists, in one call (what ``?wait`` polls)."""
+        ...
 
     def page(
         self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None
@@ -124,6 +163,14 @@ class ClaimedTask:
 
 
 @dataclass(frozen=True)
+class Slots:
+    """Room for tasks: ``free`` more of ``task_types`` (one worker's types and free slots)."""
+
+    task_types: tuple[str, ...]
+    free: int
+
+
+@dataclass(frozen=True)
 class Finished:
     """One attempt's end, as the host reports it to the source."""
 
@@ -156,8 +203,9 @@ class TaskSource:
     """The port between the host loop and a backend.
 
     ``claim``, ``complete``, ``fail``, ``health`` and ``close`` are required;
-    the rest are optional capabilities (see ``Capabilities``) whose defaults do
-    nothing.
+    ``claim_many`` takes one with ``claim`` unless the backend can take several
+    at once; the rest are optional capabilities (see ``Capabilities``) whose
+    defaults do nothing.
     """
 
     capabilities = Capabilities()
@@ -169,6 +217,16 @@ class TaskSource:
     async def claim(self, task_types: Collection[str]) -> ClaimedTask | None:
         """Take one task of these types, or None when none is ready."""
         raise NotImplementedError
+
+    async def claim_many(self, slots: Sequence[Slots], limit: int) -> list[ClaimedTask]:
+        """Take up to ``limit`` ready tasks in all, and at most ``free`` of each ``Slots``' types, in
+        the source's order (the host asks with each worker's free slots and its own). A backend
+        that can take several in one round trip does; this default takes one with ``claim``."""
+        types = [t for room in slots if room.free > 0 for t in room.task_types]
+        if limit < 1 or not types:
+            return []
+        task = await self.claim(types)
+        return [] if task is None else [task]
 
     async def renew(self, task: ClaimedTask) -> None:
         """Extend the task's lease while its container runs; raise LeaseLost if it moved on."""

@@ -65,7 +65,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Coroutine, Iterable
+from collections.abc import AsyncIterator, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -85,6 +85,7 @@ from runner.sources import (
     ClaimedTask,
     Finished,
     LeaseLost,
+    NewTask,
     NotKept,
     SourceUnavailable,
     TaskSource,
@@ -138,6 +139,8 @@ class Delivery:
 
 class AmqpTaskSource(TaskSource):
     """A ``TaskSource`` (and the API's ``TaskStore``) backed by RabbitMQ."""
+
+    keeps_tasks = False  # the broker carries tasks; what became of one is not asked of it
 
     def __init__(self, config: AmqpSource, workers: Iterable[WorkerConfig]) -> None:
         """Raises ``ConfigError`` when two task types share a queue."""
@@ -285,7 +288,14 @@ class AmqpTaskSource(TaskSource):
         }  # fmt: skip
         return task, True
 
+    def submit_many(self, tasks: Sequence[NewTask]) -> list[tuple[dict[str, Any], bool]]:
+        raise NotKept("a batch is stored whole or not at all, which needs a store that keeps tasks; the amqp "
+                      "task source publishes them one by one (POST each task alone)")  # fmt: skip
+
     def get(self, task_id: str) -> dict[str, Any] | None:
+        raise NotKept(self._not_kept())
+
+    def statuses(self, task_ids: Sequence[str]) -> dict[str, str]:
         raise NotKept(self._not_kept())
 
     def page(

@@ -8,7 +8,8 @@ task whose lease expired (its host died) is claimable again, its attempt
 counted, and goes to ``dead`` when no attempt is left.
 
 Every write is one ``BEGIN IMMEDIATE`` transaction, so several ``serve``
-processes can share one file without running a task twice at the same time.
+processes can share one file without running a task twice at the same time;
+a batch claim (``claim_many``) and a batch submit (``submit_many``) are one each.
 SQLite calls are short and run in a worker thread, off the event loop.
 """
 
@@ -19,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,8 +31,11 @@ from runner.sources import (
     ClaimedTask,
     Finished,
     HeldTask,
+    KeyConflict,
     LeaseLost,
+    NewTask,
     Owner,
+    Slots,
     SourceUnavailable,
     TaskSource,
     iso_time,
@@ -81,6 +85,7 @@ CREATE TABLE IF NOT EXISTS owners (
 );
 """
 _FORGET_AFTER = 86400.0  # registry rows of processes silent this long are dropped
+_CHUNK = 500  # ids per statement (SQLite's variables per statement: 999 before 3.32)
 
 
 class EmbeddedQueue(TaskSource):
@@ -91,6 +96,8 @@ class EmbeddedQueue(TaskSource):
     Processes that hold tasks heartbeat into the ``owners`` table every third of
     a lease, promising the next beat within a lease.
     """
+
+    keeps_tasks = True
 
     def __init__(self, path: str | Path, owner: str, lease: float = 30.0, retention: float = 7 * 86400.0) -> None:
         self.path = Path(path)
@@ -114,6 +121,9 @@ class EmbeddedQueue(TaskSource):
 
     async def claim(self, task_types: Collection[str]) -> ClaimedTask | None:
         return await self._async(self.claim_now, list(task_types))
+
+    async def claim_many(self, slots: Sequence[Slots], limit: int) -> list[ClaimedTask]:
+        return await self._async(self.claim_batch, list(slots), limit)
 
     async def renew(self, task: ClaimedTask) -> None:
         await self._async(self._renew, task)
@@ -154,47 +164,69 @@ class EmbeddedQueue(TaskSource):
 
     def claim_now(self, task_types: list[str]) -> ClaimedTask | None:
         """Claim the next ready task of these types (pending and due, or with an expired lease)."""
-        if not task_types:
-            return None
+        claimed = self.claim_batch([Slots(tuple(task_types), 1)], 1)
+        return claimed[0] if claimed else None
+
+    def claim_batch(self, slots: Sequence[Slots], limit: int) -> list[ClaimedTask]:
+        """Claim up to ``limit`` ready tasks, at most ``free`` of each ``Slots``' types, highest
+        priority first, then the longest due: one transaction, whatever the number."""
+        groups = [(list(room.task_types), room.free) for room in slots if room.free > 0 and room.task_types]
+        if limit < 1 or not groups:
+            return []
         now = time.time()
-        marks = ",".join("?" * len(task_types))
+        claimed: list[ClaimedTask] = []
         with self._write() as db:
-            # Leases that expired with no attempt left: the dead-letter list.
+            self._bury_expired(db, [t for types, _ in groups for t in types], now)
+            # The best of each worker's types (as many as it has room for), then the best of those.
+            ready: dict[str, tuple[int, float, int]] = {}
+            for types, free in groups:
+                marks = ",".join("?" * len(types))
+                rows = db.execute(
+                    f"""SELECT id, priority, run_at, rowid AS seq FROM tasks
+                        WHERE type IN ({marks})
+                          AND ((status = 'pending' AND run_at <= ?) OR (status = 'running' AND lease_expires < ?))
+                        ORDER BY priority DESC, run_at, rowid LIMIT ?""",
+                    (*types, now, now, min(free, limit)),
+                ).fetchall()
+                ready.update((row["id"], (-row["priority"], row["run_at"], row["seq"])) for row in rows)
+            for task_id in sorted(ready, key=ready.__getitem__)[:limit]:
+                task = self._take(db, task_id, now)
+                if task is not None:
+                    claimed.append(task)
+        return claimed
+
+    def _bury_expired(self, db: sqlite3.Connection, task_types: list[str], now: float) -> None:
+        """Leases that expired with no attempt left: the dead-letter list."""
+        marks = ",".join("?" * len(task_types))
+        db.execute(
+            f"""UPDATE tasks SET status = 'dead', outcome = 'failed', retriable = 1,
+                    error_type = 'LeaseExpired',
+                    error_message = 'its host stopped renewing the lease and no attempt is left',
+                    lease_owner = NULL, finished_at = ?, updated_at = ?
+                WHERE status = 'running' AND lease_expires < ? AND attempts >= max_attempts
+                  AND type IN ({marks})""",
+            (now, now, now, *task_types),
+        )
+
+    def _take(self, db: sqlite3.Connection, task_id: str, now: float) -> ClaimedTask | None:
+        """Claim one ready task, inside the caller's transaction."""
+        claimed = db.execute(
+            """UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?,
+                    lease_expires = ?, started_at = ?, updated_at = ?
+                WHERE id = ? RETURNING *""",
+            (self.owner, now + self.lease, now, now, task_id),
+        ).fetchone()
+        params, problem = jsondata.loads(claimed["params"], "params")
+        if problem is not None or not isinstance(params, dict):
+            # A row an older version stored that no worker could be given: failed for good, here,
+            # rather than claimed and broken again at every attempt.
             db.execute(
-                f"""UPDATE tasks SET status = 'dead', outcome = 'failed', retriable = 1,
-                        error_type = 'LeaseExpired',
-                        error_message = 'its host stopped renewing the lease and no attempt is left',
-                        lease_owner = NULL, finished_at = ?, updated_at = ?
-                    WHERE status = 'running' AND lease_expires < ? AND attempts >= max_attempts
-                      AND type IN ({marks})""",
-                (now, now, now, *task_types),
+                """UPDATE tasks SET status = 'failed', outcome = 'failed', retriable = 0,
+                        error_type = 'InvalidParams', error_message = ?, lease_owner = NULL,
+                        lease_expires = NULL, finished_at = ?, updated_at = ? WHERE id = ?""",
+                (f"the stored params cannot be read: {problem or 'not an object'}", now, now, task_id),
             )
-            row = db.execute(
-                f"""SELECT id FROM tasks
-                    WHERE type IN ({marks})
-                      AND ((status = 'pending' AND run_at <= ?) OR (status = 'running' AND lease_expires < ?))
-                    ORDER BY priority DESC, run_at, rowid LIMIT 1""",
-                (*task_types, now, now),
-            ).fetchone()
-            if row is None:
-                return None
-            claimed = db.execute(
-                """UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?,
-                        lease_expires = ?, started_at = ?, updated_at = ?
-                    WHERE id = ? RETURNING *""",
-                (self.owner, now + self.lease, now, now, row["id"]),
-            ).fetchone()
-            params, problem = jsondata.loads(claimed["params"], "params")
-            if problem is not None or not isinstance(params, dict):
-                # A row an older version stored that no worker could be given: failed for good, here,
-                # rather than claimed and broken again at every attempt.
-                db.execute(
-                    """UPDATE tasks SET status = 'failed', outcome = 'failed', retriable = 0,
-                            error_type = 'InvalidParams', error_message = ?, lease_owner = NULL,
-                            lease_expires = NULL, finished_at = ?, updated_at = ? WHERE id = ?""",
-                    (f"the stored params cannot be read: {problem or 'not an object'}", now, now, row["id"]),
-                )
-                return None
+            return None
         return ClaimedTask(
             id=claimed["id"],
             type=claimed["type"],
@@ -328,42 +360,82 @@ class EmbeddedQueue(TaskSource):
 
         Raises ValueError for params that would not read back as JSON (the API refuses them first).
         """
+        task = NewTask(task_type, params, max_attempts, priority, idempotency_key, correlation_id, traceparent, task_id)
         problem = jsondata.problem(params, "params")
         if problem is not None:
             raise ValueError(problem)
-        now = time.time()
-        task_id = task_id or str(uuid.uuid4())
         with self._write() as db:
-            cursor = db.execute(
-                """INSERT INTO tasks (id, type, params, status, priority, max_attempts, idempotency_key,
-                        correlation_id, traceparent, run_at, created_at, updated_at)
-                    VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)
-                    ON CONFLICT (idempotency_key) DO NOTHING""",
-                (
-                    task_id,
-                    task_type,
-                    jsondata.dumps(params).encode(),
-                    priority,
-                    max_attempts,
-                    idempotency_key,
-                    correlation_id or uuid.uuid4().hex,
-                    traceparent,
-                    now,
-                    now,
-                    now,
-                ),
-            )
-            created = cursor.rowcount == 1
-            if created:
-                row = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            else:
-                row = db.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
+            row, created = self._insert(db, task, time.time())
         return _public(row), created
+
+    def submit_many(self, tasks: Sequence[NewTask]) -> list[tuple[dict[str, Any], bool]]:
+        """Add every task in one transaction, or none (``KeyConflict``: keys that name other content).
+
+        Raises ValueError for params that would not read back as JSON (the API refuses them first).
+        """
+        for n, task in enumerate(tasks):
+            if (problem := jsondata.problem(task.params, f"[{n}].params")) is not None:
+                raise ValueError(problem)
+        now = time.time()
+        stored: list[tuple[dict[str, Any], bool]] = []
+        conflicts: list[tuple[int, str]] = []
+        first_with: dict[str, int] = {}  # an idempotency key -> the first item of this batch that made it
+        with self._write() as db:
+            for n, task in enumerate(tasks):
+                row, created = self._insert(db, task, now)
+                key = task.idempotency_key
+                if created and key is not None:
+                    first_with[key] = n
+                elif not created and not _same_content(row, task):
+                    named = f"[{first_with[key]}] of this batch" if key in first_with else f"task {row['id']}"
+                    conflicts.append((n, named))
+                stored.append((_public(row), created))
+            if conflicts:
+                raise KeyConflict(conflicts)  # rolled back: nothing of the batch is kept
+        return stored
+
+    def _insert(self, db: sqlite3.Connection, task: NewTask, now: float) -> tuple[sqlite3.Row, bool]:
+        """Insert one task, inside the caller's transaction: its row, and whether it is new (else
+        the row its idempotency key names)."""
+        task_id = task.task_id or str(uuid.uuid4())
+        cursor = db.execute(
+            """INSERT INTO tasks (id, type, params, status, priority, max_attempts, idempotency_key,
+                    correlation_id, traceparent, run_at, created_at, updated_at)
+                VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?)
+                ON CONFLICT (idempotency_key) DO NOTHING""",
+            (
+                task_id,
+                task.type,
+                jsondata.dumps(task.params).encode(),
+                task.priority,
+                task.max_attempts,
+                task.idempotency_key,
+                task.correlation_id or uuid.uuid4().hex,
+                task.traceparent,
+                now,
+                now,
+                now,
+            ),
+        )
+        if cursor.rowcount == 1:
+            return db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone(), True
+        return db.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (task.idempotency_key,)).fetchone(), False
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         with self._read() as db:
             row = db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return _public(row) if row else None
+
+    def statuses(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """The status of each of these tasks that exists."""
+        found: dict[str, str] = {}
+        with self._read() as db:
+            for start in range(0, len(task_ids), _CHUNK):
+                chunk = list(task_ids[start : start + _CHUNK])
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(f"SELECT id, status FROM tasks WHERE id IN ({marks})", chunk).fetchall()
+                found.update((row["id"], row["status"]) for row in rows)
+        return found
 
     def page(
         self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None
@@ -543,6 +615,13 @@ def _public(row: sqlite3.Row) -> dict[str, Any]:
             "type": _text(row["error_type"]), "message": _text(row["error_message"]), "retriable": retriable,
         }  # fmt: skip
     return task
+
+
+def _same_content(row: sqlite3.Row, task: NewTask) -> bool:
+    """Whether a stored task is this one: its type, and its params as the same JSON text
+    ({"a": true}, {"a": 1.0} and {"a": 1} are three different tasks)."""
+    params, problem = jsondata.loads(row["params"], "params")
+    return problem is None and row["type"] == task.type and jsondata.dumps(params) == jsondata.dumps(task.params)
 
 
 def _text(value: str | None) -> str | None:

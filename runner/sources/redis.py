@@ -5,16 +5,18 @@ The embedded queue's semantics over Redis 6.2 or later, so that every host's API
 answers from the same state:
 
 - one stream per task type with one consumer group (``workerhost``); each process is
-  a consumer named by its owner token. A claim takes one entry (``COUNT 1``):
-  first, in one script, due retries back to their streams, a lease past its time
-  (``XAUTOCLAIM`` with min-idle = the lease), or a new entry; when there is none,
-  ``XREADGROUP ... BLOCK`` waits up to ``block`` seconds (no busy polling, and the
-  host's loop stays responsive to a stop or a freed slot).
+  a consumer named by its owner token. A claim takes as many entries as the host has
+  room for (``claim_many``): in one script, due retries back to their streams, then
+  leases past their time (``XPENDING IDLE`` = the lease, taken over with ``XCLAIM``),
+  then new entries; when there is none, ``XREADGROUP ... BLOCK`` waits up to ``block``
+  seconds for one (no busy polling, and the host's loop stays responsive to a stop or
+  a freed slot).
 - the lease is the entry's idle time in the group's pending list, on Redis's own
   clock (no clock skew between hosts): ``renew`` is ``XCLAIM`` of the entry to the
   same consumer (``JUSTID``), which resets it. Another host takes an entry over
   once it has been idle for a whole lease; its attempt counts, and a lease that
   expires on the last attempt is a dead letter, as in the embedded queue.
+- a batch submit (``submit_many``) is one script: every task is stored, or none.
 - a record per task (a hash) with what the embedded queue keeps; reports store the
   outcome and ``XACK`` the entry in one script (runner/sources/redis_scripts.py),
   so an entry is acknowledged only once its outcome is stored. Retries wait in a
@@ -51,8 +53,11 @@ from runner.sources import (
     ClaimedTask,
     Finished,
     HeldTask,
+    KeyConflict,
     LeaseLost,
+    NewTask,
     Owner,
+    Slots,
     SourceUnavailable,
     TaskSource,
     iso_time,
@@ -94,6 +99,8 @@ class RedisQueue(TaskSource):
     The port's methods use redis-py's asyncio client; the API's (synchronous, run in a
     thread) use its sync client. ``block`` is how long one claim waits for a new entry.
     """
+
+    keeps_tasks = True
 
     def __init__(
         self,
@@ -149,20 +156,28 @@ class RedisQueue(TaskSource):
             await self._aio.ping()
 
     async def claim(self, task_types: Collection[str]) -> ClaimedTask | None:
-        types = list(task_types)
-        if not types:
-            return None
-        turn, self._turn = self._turn % len(types), self._turn + 1
-        types = types[turn:] + types[:turn]  # each type goes first in turn: none starves the others
+        claimed = await self.claim_many([Slots(tuple(task_types), 1)], 1)
+        return claimed[0] if claimed else None
+
+    async def claim_many(self, slots: Sequence[Slots], limit: int) -> list[ClaimedTask]:
+        open_slots = [room for room in slots if room.free > 0 and room.task_types]
+        if limit < 1 or not open_slots:
+            return []
+        turn, self._turn = self._turn, self._turn + 1
+        # Each worker, and each type of a worker, goes first in turn: none starves the others.
+        groups: tuple[Slots, ...] = _rotated([Slots(_rotated(s.task_types, turn), s.free) for s in open_slots], turn)
+        types = [t for room in groups for t in room.task_types]
+        args = [*self._head(), self.owner, str(int(self.lease * 1000)), str(limit)]
+        for room in groups:
+            args += [str(room.free), str(len(room.task_types)), *room.task_types]
         async with self._boundary():
             await self._ensure_groups(types)
-            lease_ms = str(int(self.lease * 1000))
-            got = await self._scripts["CLAIM"](args=[*self._head(), self.owner, lease_ms, *types])
+            got = await self._scripts["CLAIM_MANY"](args=args)
             if not got:
-                got = await self._wait(types)
-            if not got:
-                return None
-            return await self._claimed(got)
+                one = await self._wait(types)
+                got = [one] if one else []
+            claimed = [await self._claimed(item) for item in got]
+        return [task for task in claimed if task is not None]
 
     async def _ensure_groups(self, types: Sequence[str]) -> None:
         for task_type in types:
@@ -371,6 +386,31 @@ class RedisQueue(TaskSource):
             raise ValueError(f"a task with id {task_id} exists already")
         return _public(_pairs(reply[2])), int(reply[0]) == 1
 
+    def submit_many(self, tasks: Sequence[NewTask]) -> list[tuple[dict[str, Any], bool]]:
+        """Add every task in one script, or none (``KeyConflict``: keys that name other content)."""
+        args = [*self._head(), str(len(tasks))]
+        for n, task in enumerate(tasks):
+            if (problem := jsondata.problem(task.params, f"[{n}].params")) is not None:
+                raise ValueError(problem)
+            args += [
+                task.task_id or str(uuid.uuid4()), task.type, jsondata.dumps(task.params), str(task.priority),
+                str(task.max_attempts), task.idempotency_key or "", task.correlation_id or uuid.uuid4().hex,
+                task.traceparent or "",
+            ]  # fmt: skip
+        with self._sync_boundary():
+            reply = self._sync_scripts["SUBMIT_MANY"](args=args)
+        if int(reply[0]) == 0:
+            raise KeyConflict([(int(index), str(names)) for index, names in reply[1:]])
+        return [(_public(_pairs(record)), int(flag) == 1) for flag, _, record in reply[1:]]
+
+    def statuses(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """The status of each of these tasks that exists (one round trip)."""
+        with self._sync_boundary(), self._sync.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hget(self._key("task", task_id), "status")
+            found = pipe.execute()
+        return {task_id: status for task_id, status in zip(task_ids, found, strict=True) if status}
+
     def get(self, task_id: str) -> dict[str, Any] | None:
         with self._sync_boundary():
             record: dict[str, str] = self._sync.hgetall(self._key("task", task_id))  # type: ignore[assignment]
@@ -500,8 +540,13 @@ class RedisQueue(TaskSource):
             raise SourceUnavailable(f"Redis at {self.url} ([task_manager] url): {exc}") from None
 
 
-_ASYNC_SCRIPTS = ("CLAIM", "TAKE", "HAND_BACK", "RENEW", "SETTLE", "RELEASE", "RECOVER", "PRUNE")
-_SYNC_SCRIPTS = ("SUBMIT", "RETRY", "DELETE")
+_ASYNC_SCRIPTS = ("CLAIM_MANY", "TAKE", "HAND_BACK", "RENEW", "SETTLE", "RELEASE", "RECOVER", "PRUNE")
+_SYNC_SCRIPTS = ("SUBMIT", "SUBMIT_MANY", "RETRY", "DELETE")
+
+
+def _rotated(items: Sequence[Any], turn: int) -> tuple[Any, ...]:
+    first = turn % len(items)
+    return (*items[first:], *items[:first])
 
 
 def _flat(fields: dict[str, str | None]) -> list[str]:

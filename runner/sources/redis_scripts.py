@@ -108,49 +108,72 @@ local function field(values, name)
 end
 """
 
-# ARGV[4] owner, ARGV[5] lease (ms), ARGV[6..] task types. Due retries back to their streams, then a
-# lease past its time (XAUTOCLAIM), then a new entry (XREADGROUP, never blocking in a script).
-# Returns {type, entry, record} or false.
-CLAIM = (
+# ARGV[4] owner, ARGV[5] lease (ms), ARGV[6] the most tasks in all, then for each worker: its free slots,
+# how many types it has, its types. Due retries back to their streams, then leases past their time
+# (XPENDING IDLE, taken over with XCLAIM), then new entries (XREADGROUP, never blocking in a script),
+# at most each worker's free slots and the most in all. Returns a list of {type, entry, record}.
+CLAIM_MANY = (
     _PRELUDE
     + """
-local owner, lease = ARGV[4], ARGV[5]
-for i = 6, #ARGV do
-  local t = ARGV[i]
-  local delayed = P .. ':delayed:' .. t
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', NOW, 'LIMIT', 0, 100)) do
-    redis.call('ZREM', delayed, id)
-    if redis.call('HGET', tkey(id), 'status') == 'pending' then enqueue(id, t) end
+local owner, lease, left = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local groups = {}
+local i = 7
+while i <= #ARGV do
+  local group = {free = tonumber(ARGV[i]), types = {}}
+  for j = 1, tonumber(ARGV[i + 1]) do group.types[j] = ARGV[i + 1 + j] end
+  groups[#groups + 1] = group
+  i = i + 2 + #group.types
+end
+local claimed = {}
+local function room(group) return group.free > 0 and left > 0 end
+local function took(group, t, entry, record)
+  claimed[#claimed + 1] = {t, entry, record}
+  group.free = group.free - 1
+  left = left - 1
+end
+for _, group in ipairs(groups) do
+  for _, t in ipairs(group.types) do
+    local delayed = P .. ':delayed:' .. t
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', NOW, 'LIMIT', 0, 100)) do
+      redis.call('ZREM', delayed, id)
+      if redis.call('HGET', tkey(id), 'status') == 'pending' then enqueue(id, t) end
+    end
   end
 end
-for i = 6, #ARGV do
-  local t = ARGV[i]
-  if redis.call('EXISTS', stream(t)) == 1 then
-    -- Only entries idle past the lease, found by the server however many live ones come first
-    -- (XAUTOCLAIM looks at a few entries per call), then taken over one by one.
-    for _, p in ipairs(redis.call('XPENDING', stream(t), GROUP, 'IDLE', lease, '-', '+', 10)) do
-      for _, e in ipairs(redis.call('XCLAIM', stream(t), GROUP, owner, lease, p[1])) do
-        if type(e) == 'table' then
-          local record = take(t, e[1], field(e[2], 'id'))
-          if record then return {t, e[1], record} end
+for _, group in ipairs(groups) do
+  for _, t in ipairs(group.types) do
+    if room(group) and redis.call('EXISTS', stream(t)) == 1 then
+      -- Only entries idle past the lease, found by the server however many live ones come first
+      -- (XAUTOCLAIM looks at a few entries per call), then taken over one by one.
+      for _, p in ipairs(redis.call('XPENDING', stream(t), GROUP, 'IDLE', lease, '-', '+', 10)) do
+        if not room(group) then break end
+        for _, e in ipairs(redis.call('XCLAIM', stream(t), GROUP, owner, lease, p[1])) do
+          if type(e) == 'table' then
+            local record = take(t, e[1], field(e[2], 'id'))
+            if record then took(group, t, e[1], record) end
+          end
         end
       end
     end
   end
 end
-for i = 6, #ARGV do
-  local t = ARGV[i]
-  if redis.call('EXISTS', stream(t)) == 1 then
-    for _ = 1, 50 do
-      local read = redis.call('XREADGROUP', 'GROUP', GROUP, owner, 'COUNT', 1, 'STREAMS', stream(t), '>')
-      if not read then break end
-      local e = read[1][2][1]
-      local record = take(t, e[1], field(e[2], 'id'))
-      if record then return {t, e[1], record} end
+for _, group in ipairs(groups) do
+  for _, t in ipairs(group.types) do
+    if redis.call('EXISTS', stream(t)) == 1 then
+      for _ = 1, 50 do
+        if not room(group) then break end
+        local count = math.min(group.free, left)
+        local read = redis.call('XREADGROUP', 'GROUP', GROUP, owner, 'COUNT', count, 'STREAMS', stream(t), '>')
+        if not read then break end
+        for _, e in ipairs(read[1][2]) do
+          local record = take(t, e[1], field(e[2], 'id'))
+          if record then took(group, t, e[1], record) end
+        end
+      end
     end
   end
 end
-return false
+return claimed
 """
 )
 
@@ -259,38 +282,97 @@ return 1
 """
 )
 
+_CREATE = """
+-- A new task: its record, its indexes, its entry in its type's stream.
+local function create(id, t, params, priority, max_attempts, key, correlation_id, tp)
+  local k = tkey(id)
+  if key ~= '' then redis.call('SET', P .. ':idem:' .. key, id) end
+  redis.call('HSET', k, 'id', id, 'type', t, 'params', params, 'priority', priority, 'attempts', 0,
+    'max_attempts', max_attempts, 'correlation_id', correlation_id, 'created_at', NOW)
+  if key ~= '' then redis.call('HSET', k, 'idempotency_key', key) end
+  if tp ~= '' then redis.call('HSET', k, 'traceparent', tp) end
+  redis.call('ZADD', P .. ':all', NOW, id)
+  redis.call('ZADD', P .. ':type:' .. t, NOW, id)
+  move(id, false, 'pending')
+  enqueue(id, t)
+end
+
+local function same(id, t, params)
+  local rec = redis.call('HMGET', tkey(id), 'type', 'params')
+  return rec[1] == t and rec[2] == params
+end
+"""
+
 # ARGV[4] id, [5] type, [6] params, [7] priority, [8] max_attempts, [9] idempotency key ('' none),
 # [10] correlation id, [11] traceparent ('' none). Returns {1, id, record} (new), {0, id, record} (the task
 # the key names) or {-1, id} (the id is taken).
 SUBMIT = (
     _PRELUDE
+    + _CREATE
     + """
-local id, t, key, tp = ARGV[4], ARGV[5], ARGV[9], ARGV[11]
-local k = tkey(id)
+local id, t, key = ARGV[4], ARGV[5], ARGV[9]
 if key ~= '' then
-  local ik = P .. ':idem:' .. key
-  local existing = redis.call('GET', ik)
+  local existing = redis.call('GET', P .. ':idem:' .. key)
   if existing and redis.call('EXISTS', tkey(existing)) == 1 then
     return {0, existing, redis.call('HGETALL', tkey(existing))}
   end
 end
-if redis.call('EXISTS', k) == 1 then
+if redis.call('EXISTS', tkey(id)) == 1 then
   -- This very submit, sent again after its reply was lost (the API's client retries once): as created.
-  if redis.call('HGET', k, 'type') == t and redis.call('HGET', k, 'params') == ARGV[6] then
-    return {1, id, redis.call('HGETALL', k)}
-  end
+  if same(id, t, ARGV[6]) then return {1, id, redis.call('HGETALL', tkey(id))} end
   return {-1, id}
 end
-if key ~= '' then redis.call('SET', P .. ':idem:' .. key, id) end
-redis.call('HSET', k, 'id', id, 'type', t, 'params', ARGV[6], 'priority', ARGV[7], 'attempts', 0,
-  'max_attempts', ARGV[8], 'correlation_id', ARGV[10], 'created_at', NOW)
-if key ~= '' then redis.call('HSET', k, 'idempotency_key', key) end
-if tp ~= '' then redis.call('HSET', k, 'traceparent', tp) end
-redis.call('ZADD', P .. ':all', NOW, id)
-redis.call('ZADD', P .. ':type:' .. t, NOW, id)
-move(id, false, 'pending')
-enqueue(id, t)
-return {1, id, redis.call('HGETALL', k)}
+create(id, t, ARGV[6], ARGV[7], ARGV[8], key, ARGV[10], ARGV[11])
+return {1, id, redis.call('HGETALL', tkey(id))}
+"""
+)
+
+# ARGV[4] how many tasks, then 8 arguments for each, as SUBMIT's ARGV[4..11]. Every task is stored, or
+# none: first what each item is (new, the task its key names, or a key or id that names other content),
+# then, only when no item conflicts, the writes. Returns {1, {created, id, record}...} in order, or
+# {0, {index from 0, what the key names}...}.
+SUBMIT_MANY = (
+    _PRELUDE
+    + _CREATE
+    + """
+local n = tonumber(ARGV[4])
+local function arg(i, f) return ARGV[4 + (i - 1) * 8 + f] end
+local first, known, conflicts = {}, {}, {}
+for i = 1, n do
+  local id, t, params, key = arg(i, 1), arg(i, 2), arg(i, 3), arg(i, 6)
+  if key ~= '' and first[key] then
+    local f = first[key]
+    if arg(f, 2) == t and arg(f, 3) == params then known[i] = {0, arg(f, 1)}
+    else conflicts[#conflicts + 1] = {i - 1, '[' .. (f - 1) .. '] of this batch'} end
+  elseif key ~= '' and redis.call('GET', P .. ':idem:' .. key)
+      and redis.call('EXISTS', tkey(redis.call('GET', P .. ':idem:' .. key))) == 1 then
+    local existing = redis.call('GET', P .. ':idem:' .. key)
+    if same(existing, t, params) then known[i] = {0, existing}
+    else conflicts[#conflicts + 1] = {i - 1, 'task ' .. existing} end
+  elseif redis.call('EXISTS', tkey(id)) == 1 then
+    -- This very batch, sent again after its reply was lost: as created.
+    if same(id, t, params) then known[i] = {1, id}
+    else conflicts[#conflicts + 1] = {i - 1, 'task ' .. id} end
+  elseif key ~= '' then
+    first[key] = i
+  end
+end
+if #conflicts > 0 then
+  local refused = {0}
+  for _, conflict in ipairs(conflicts) do refused[#refused + 1] = conflict end
+  return refused
+end
+local replies = {1}
+for i = 1, n do
+  local flag, id = 1, arg(i, 1)
+  if known[i] then
+    flag, id = known[i][1], known[i][2]
+  else
+    create(id, arg(i, 2), arg(i, 3), arg(i, 4), arg(i, 5), arg(i, 6), arg(i, 7), arg(i, 8))
+  end
+  replies[#replies + 1] = {flag, id, redis.call('HGETALL', tkey(id))}
+end
+return replies
 """
 )
 

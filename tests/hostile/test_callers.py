@@ -8,6 +8,7 @@ An independent fuzzer, schemathesis, runs against the live API with every check 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,14 @@ def test_a_submit_that_would_not_read_back_is_refused_and_nothing_is_stored(
     assert says in strict_json(response.content)["error"]
     assert total(callers_host) == before
 
+    # The same task in a batch, after a good one: the batch is refused whole, naming it by its index.
+    batch = b'[{"type": "Test.Behave", "params": {"do": "ok"}}, ' + body + b"]"
+    response = callers_host.http.post("/tasks", content=batch, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    refused = strict_json(response.content)
+    assert says in refused["error"] and [d["field"][:4] for d in refused["details"]] == ["[1]."]
+    assert total(callers_host) == before
+
 
 @pytest.mark.parametrize(
     ("stdout", "says"),
@@ -135,8 +144,10 @@ def test_the_readme_curl_examples_work_as_printed(callers_host: Serve, tmp_path:
     curl = shutil.which("curl")
     assert curl is not None, "curl is needed to run the README's examples"
     lines = [line.removeprefix("$ ") for line in (ROOT / "README.md").read_text().splitlines()]
-    examples = [line for line in lines if line.startswith("curl -s localhost:8080/tasks")]
-    assert len(examples) >= 2, "the README's curl examples moved"
+    examples = [
+        line for line in lines if line.startswith(("curl -s localhost:8080/tasks", "curl -s 'localhost:8080/tasks"))
+    ]
+    assert len(examples) >= 4, "the README's curl examples moved"  # one task, with a token, with ?wait, a batch
     # The shipped config has no token: the plain example runs against a host without one.
     port = free_port()
     config = tmp_path / "plain.toml"
@@ -152,8 +163,10 @@ def test_the_readme_curl_examples_work_as_printed(callers_host: Serve, tmp_path:
                 env={"PATH": "/usr/bin:/bin", "WORKERHOST_API_TOKEN": TOKEN},
             )  # fmt: skip
             assert done.returncode == 0, done.stderr
-            task = strict_json(done.stdout.encode())
-            assert (task["type"], task["status"]) == (BEHAVE, "pending"), (example, task)
+            answer = strict_json(done.stdout.encode())
+            tasks = answer if isinstance(answer, list) else [answer]
+            status = "completed" if "?wait=" in example else "pending"
+            assert [(t["type"], t["status"]) for t in tasks] == [(BEHAVE, status)] * len(tasks), (example, answer)
     finally:
         plain.stop()
 
@@ -176,10 +189,12 @@ def test_workerhost_run_prints_json_and_no_traceback_for_a_hostile_result(tmp_pa
 def test_schemathesis_finds_nothing_in_the_live_api(callers_host: Serve) -> None:
     schemathesis = Path(sys.executable).parent / "schemathesis"
     assert schemathesis.exists(), "schemathesis is a dev dependency (pip install -e '.[dev]')"
+    # Every route, the batch body and ?wait included; valid waits and batches kept short (the hooks' docstring).
+    hooks = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.hostile.schemathesis_hooks"}
     done = subprocess.run(
         [str(schemathesis), "run", f"{callers_host.url}/openapi.json", "--checks", "all", "--max-examples", "40",
          "--seed", "1", "--no-color", "--header", f"Authorization: Bearer {TOKEN}"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=hooks,
     )  # fmt: skip
     summary = done.stdout[-3000:]
     assert done.returncode == 0, summary

@@ -97,13 +97,15 @@ def cli(serve: Serve, *args: str, env: dict[str, str | None]) -> subprocess.Comp
 @pytest.mark.parametrize(
     ("method", "path"),
     [("GET", "/tasks"), ("POST", "/tasks"), ("GET", "/tasks/x"), ("POST", "/tasks/x/retry"), ("GET", "/workers"),
-     ("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs")],
+     ("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/tasks/x?wait=5"),
+     ("POST", "/tasks?wait=5")],
 )  # fmt: skip
 @pytest.mark.parametrize(
     "headers", [{}, bearer(WRONG), bearer("short"), bearer(TOKEN + TOKEN)], ids=["none", "wrong", "short", "long"]
 )
 def test_no_token_or_a_wrong_one_is_401(guarded: Serve, method: str, path: str, headers: dict[str, str]) -> None:
-    body = {"type": BEHAVE, "params": {"do": "ok"}} if method == "POST" else None
+    task = {"type": BEHAVE, "params": {"do": "ok"}}
+    body: Any = ([task, task] if "wait" in path else task) if method == "POST" else None  # a batch, waited for
     answer = guarded.http.request(method, path, headers=headers, json=body)
 
     assert answer.status_code == 401, answer.text

@@ -12,11 +12,22 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import redis
 
 from runner.docker import LABEL_HOST
 from runner.errors import ConfigError
 from runner.protocol import ErrorInfo, Outcome, Status
-from runner.sources import ClaimedTask, Finished, HeldTask, LeaseLost, Owner, SourceUnavailable
+from runner.sources import (
+    ClaimedTask,
+    Finished,
+    HeldTask,
+    KeyConflict,
+    LeaseLost,
+    NewTask,
+    Owner,
+    Slots,
+    SourceUnavailable,
+)
 from runner.sources.redis import RedisQueue, shown_url
 from tests.conftest import new_host_id
 from tests.services import REDIS_IMAGE, Service, build_service, service
@@ -40,7 +51,22 @@ def redis_image(docker_client: Any) -> str:
 def broker(redis_image: str) -> Iterator[Service]:
     """A Redis of this test's own (up in well under a second), removed at the end."""
     with service(redis_image, 6379, {LABEL_HOST: new_host_id()}, host_port=free_port()) as started:
+        answers(started)
         yield started
+
+
+def answers(broker: Service, timeout: float = 30.0) -> None:
+    """Wait until Redis itself answers: the published port takes connections (the engine's proxy)
+    before Redis listens behind it, and those are reset (on a busy machine, for a while)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with redis.Redis.from_url(url_of(broker), socket_timeout=2, socket_connect_timeout=2) as client:
+                client.ping()
+                return
+        except redis.RedisError:
+            assert time.monotonic() < deadline, f"Redis did not answer within {timeout}s"
+            time.sleep(0.05)
 
 
 def url_of(broker: Service) -> str:
@@ -302,6 +328,62 @@ def test_idempotency_keys_lists_summaries_delete_and_prune(broker: Service) -> N
         assert a.counts()["completed"] == 0
         fresh, created = a.submit(ECHO, {}, max_attempts=3, idempotency_key="k1")  # the key went with it
         assert created and fresh["id"] != first["id"]
+
+    run(broker, body)
+
+
+def scripts_run(queue: RedisQueue) -> int:
+    """How many scripts this Redis has run so far (EVALSHA's count in INFO commandstats)."""
+    stats: dict[str, Any] = queue._sync.info("commandstats")  # type: ignore[assignment]
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def test_claim_many_takes_several_in_one_script_within_each_workers_slots(broker: Service) -> None:
+    async def body(a: RedisQueue, b: RedisQueue) -> None:
+        echo = [submit(a, ECHO) for _ in range(4)]
+        other = [submit(a, OTHER) for _ in range(3)]
+        await a.claim_many([Slots((ECHO,), 1), Slots((OTHER,), 1)], 2)  # the groups exist; two taken
+        before = scripts_run(a)
+
+        got = await a.claim_many([Slots((ECHO,), 2), Slots((OTHER,), 5)], 4)
+
+        assert scripts_run(a) - before == 1  # one round trip
+        assert [t.id for t in got if t.type == ECHO] == echo[1:3]  # first in, first out; 2 at most
+        assert sorted(t.id for t in got if t.type == OTHER) == sorted(other[1:3])  # and 4 in all
+        assert all(a.get(t.id)["status"] == "running" and t.attempt == 1 for t in got)  # type: ignore[index]
+        assert sorted(h.task_id for h in await b.held()) == sorted([echo[0], other[0], *(t.id for t in got)])
+        rest = await b.claim_many([Slots((ECHO, OTHER), 10)], 10)
+        assert sorted(t.id for t in rest) == [echo[3]]
+        assert await b.claim_many([Slots((ECHO, OTHER), 10)], 10) == []  # after a blocked read of 0.2 s
+
+    run(broker, body)
+
+
+def test_submit_many_stores_every_task_in_order_or_none(broker: Service) -> None:
+    async def body(a: RedisQueue, b: RedisQueue) -> None:
+        old, _ = a.submit(ECHO, {"n": 1}, max_attempts=3, idempotency_key="old")
+        batch = [NewTask(ECHO, {"n": i}, 3, priority=i) for i in range(3)] + [
+            NewTask(ECHO, {"n": 1}, 3, idempotency_key="old"),  # the task this key already names
+            NewTask(OTHER, {"k": 1}, 2, idempotency_key="new"),
+            NewTask(OTHER, {"k": 1}, 2, idempotency_key="new"),  # again in this batch: the same task
+        ]
+        stored = b.submit_many(batch)
+        assert [created for _, created in stored] == [True, True, True, False, True, False]
+        assert [t["params"] for t, _ in stored[:3]] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        assert stored[3][0]["id"] == old["id"] and stored[4][0]["id"] == stored[5][0]["id"]
+        assert a.counts()["pending"] == 5
+        assert b.statuses([stored[0][0]["id"], old["id"], "gone"]) == {stored[0][0]["id"]: "pending",
+                                                                        old["id"]: "pending"}  # fmt: skip
+
+        refused = [NewTask(ECHO, {}, 3), NewTask(ECHO, {"n": 1.0}, 3, idempotency_key="old"),
+                   NewTask(ECHO, {}, 3, idempotency_key="x"), NewTask(OTHER, {}, 3, idempotency_key="x")]  # fmt: skip
+        with pytest.raises(KeyConflict) as raised:
+            a.submit_many(refused)
+        assert raised.value.conflicts == [(1, f"task {old['id']}"), (3, "[2] of this batch")]
+        assert a.counts()["pending"] == 5  # nothing of it was stored
+        assert [t.id for t in await a.claim_many([Slots((ECHO,), 10)], 10)] == [old["id"]] + [
+            t["id"] for t, _ in stored[:3]
+        ]  # in the order they were stored: none of the refused batch is in the stream
 
     run(broker, body)
 

@@ -482,7 +482,7 @@ def test_reap_keeps_a_live_owners_container_and_removes_a_dead_owners(docker_cli
 
         reaped = reaper.reap(lambda owner: owner == dead_owner)
 
-        assert reaped.removed == [Orphan(orphaned.task.id, dead_owner, 1)]
+        assert reaped.removed == [Orphan(orphaned.task.id, dead_owner, 1, worker="Test.Behave")]
         assert kept.task.id in reaped.kept
         assert orphaned.task.id not in reaped.kept
         assert containers_of(docker_client, orphaned.task.id) == []

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -377,3 +378,67 @@ memory = "64m"
             assert source["reachable"] is True and source["max_attempts"] == 2
         finally:
             host.stop()
+
+
+# -- ?wait and batches, through a real serve ---------------------------------------------------
+
+
+def test_submit_with_wait_answers_with_the_result_or_202_while_it_runs(serve: ServeFactory) -> None:
+    host = serve()
+    done = host.http.post("/tasks", params={"wait": 60}, json={"type": "Test.Behave", "params": {"do": "ok", "n": 1}})
+    assert done.status_code == 200, done.text
+    assert done.json()["status"] == "completed" and done.json()["result"]["params"] == {"do": "ok", "n": 1}
+
+    slow = {"type": "Test.Behave", "params": {"do": "sleep", "seconds": 3}}
+    started = host.http.post("/tasks", params={"wait": 0.5}, json=slow)
+    assert started.status_code == 202, started.text
+    assert started.json()["status"] in ("pending", "running")
+    task_id = started.json()["id"]
+    still = host.http.get(f"/tasks/{task_id}", params={"wait": 0.5})
+    assert still.status_code == 202 and still.json()["status"] in ("pending", "running")
+    ended = host.http.get(f"/tasks/{task_id}", params={"wait": 60})
+    answered = time.time()
+    assert ended.status_code == 200 and ended.json()["status"] == "completed"
+    assert ended.json()["result"]["slept"] == 3
+    finished = datetime.fromisoformat(ended.json()["finished_at"].replace("Z", "+00:00")).timestamp()
+    assert answered - finished < 0.5, "answered when the host stored the outcome, not at a later poll"
+    assert host.http.get(f"/tasks/{task_id}", params={"wait": 60}).status_code == 200  # final: at once
+
+
+@pytest.mark.parametrize("wait", ["0", "-1", "301", "nan", "soon"])
+def test_a_bad_wait_is_refused_and_nothing_is_stored(serve: ServeFactory, wait: str) -> None:
+    host = serve()
+    response = host.http.post(f"/tasks?wait={wait}", json={"type": "Test.Behave", "params": {"do": "ok"}})
+    assert response.status_code == 422, response.text
+    assert "wait" in response.json()["error"]
+    assert host.http.get("/tasks").json() == []
+
+
+def test_a_batch_is_stored_in_order_and_every_task_runs(serve: ServeFactory) -> None:
+    host = serve()
+    batch = [{"type": "Test.Behave", "params": {"do": "ok", "n": n}} for n in range(6)]
+    response = host.http.post("/tasks", params={"wait": 120}, json=batch)
+
+    assert response.status_code == 200, response.text  # every one ended within the wait
+    tasks = response.json()
+    assert [t["params"]["n"] for t in tasks] == list(range(6))
+    assert [t["status"] for t in tasks] == ["completed"] * 6
+    assert [t["result"]["params"]["n"] for t in tasks] == list(range(6))
+    assert sorted(t["id"] for t in host.http.get("/tasks").json()) == sorted(t["id"] for t in tasks)
+
+
+def test_a_bad_batch_is_refused_whole_and_nothing_is_stored(serve: ServeFactory) -> None:
+    host = serve()
+    host.submit("Test.Behave", do="ok")
+    before = len(host.http.get("/tasks", params={"limit": 1000}).json())
+    good = {"type": "Test.Behave", "params": {"do": "ok"}}
+    batch = [good, {"type": "Test.Nope"}, good, {"type": "Test.Behave", "params": 7}, good,
+             {"type": "Test.Behave", "priority": 10**9}]  # fmt: skip
+
+    refused = host.http.post("/tasks", json=batch)
+    too_many = host.http.post("/tasks", json=[good] * 1001)
+
+    assert refused.status_code == 422, refused.text
+    assert [d["field"] for d in refused.json()["details"]] == ["[1].type", "[3].params", "[5].priority"]
+    assert too_many.status_code == 422 and "1000" in too_many.json()["error"]
+    assert len(host.http.get("/tasks", params={"limit": 1000}).json()) == before

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
@@ -21,8 +25,9 @@ from runner.docker import Observer, Reaped, RunResult
 from runner.errors import EngineError
 from runner.host import Host
 from runner.protocol import Envelope, ErrorInfo, Outcome, Status
-from runner.sources import ClaimedTask, Finished, TaskSource
+from runner.sources import ClaimedTask, Finished, NotKept, TaskSource
 from runner.sources.embedded import EmbeddedQueue
+from runner.telemetry import events
 from runner.telemetry.events import Hooks
 from runner.telemetry.metrics import Metrics
 from runner.telemetry.tracing import Tracing
@@ -80,6 +85,9 @@ class FakeRunner:
 
     def ping(self) -> str | None:
         return self.ping_error
+
+    def warm_counts(self) -> dict[str, dict[str, Any]]:
+        return {"echo": {"mode": "prewarm", "target": 2, "idle": 1, "busy": 1, "starting": 0, "broken": None}}
 
     def image_present(self, image: str) -> bool:
         if self.image_error is not None:
@@ -500,6 +508,8 @@ def test_one_workers_health(env: Env) -> None:
     assert body["in_flight"] == 0
     assert body["recent"] == []
     assert body["healthy"] is True
+    # Its warm containers as the runner has them (null for a worker without prewarm or reuse).
+    assert body["warm"] == {"mode": "prewarm", "target": 2, "idle": 1, "busy": 1, "starting": 0, "broken": None}
 
 
 def test_an_unknown_workers_health_is_404(env: Env) -> None:
@@ -866,3 +876,287 @@ def test_the_openapi_shows_each_types_params_schema(schema_env: Env) -> None:
     assert variants[STATS]["required"] == ["text"]
     assert variants[STATS]["properties"]["text"] == {"type": "string", "maxLength": 10}
     assert variants[ECHO]["type"] == "object" and "required" not in variants[ECHO]
+
+
+# -- ?wait: answered when the task ends -------------------------------------------------------
+
+
+def settle_later(env: Env, after: float, task_type: str = ECHO, tell: bool = True) -> threading.Thread:
+    """Complete the first task of ``task_type`` that is stored, ``after`` seconds from now or once
+    there is one, as a host would (``tell``: with the event the host emits once the outcome is
+    stored; without it, as another host would, unseen here)."""
+
+    def settle() -> None:
+        time.sleep(after)
+        deadline = time.monotonic() + 5
+        while (claimed := env.queue.claim_now([task_type])) is None:
+            assert time.monotonic() < deadline, "nothing to settle"
+            time.sleep(0.002)
+        done = Finished(Outcome(Status.COMPLETED, result={"done": claimed.id}), worker="echo")
+        asyncio.run(env.queue.complete(claimed, done))
+        if tell:
+            env.host.hooks.emit(events.TaskCompleted(task_id=claimed.id, task_type=task_type))
+
+    thread = threading.Thread(target=settle)
+    thread.start()
+    return thread
+
+
+def test_submit_with_wait_answers_200_with_the_finished_task_as_soon_as_it_is_settled(env: Env) -> None:
+    started = time.monotonic()
+    thread = settle_later(env, 0.05)
+    response = env.client.post("/tasks", params={"wait": 10}, json={"type": ECHO, "params": {"n": 1}})
+    elapsed = time.monotonic() - started
+    thread.join()
+
+    assert response.status_code == 200, response.text
+    task = response.json()
+    assert (task["status"], task["result"]) == ("completed", {"done": task["id"]})
+    assert elapsed < 0.8, f"woken by the settle, not by the next poll ({elapsed:.2f}s)"
+
+
+def test_submit_with_wait_answers_202_with_the_pending_task_when_the_wait_ends(env: Env) -> None:
+    started = time.monotonic()
+    response = env.client.post("/tasks", params={"wait": 0.3}, json={"type": ECHO})
+    elapsed = time.monotonic() - started
+
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "pending"
+    assert env.queue.get(response.json()["id"]) is not None
+    assert 0.3 <= elapsed < 2.0
+
+
+def test_get_with_wait_answers_at_once_for_a_final_task_and_202_when_the_wait_ends(env: Env) -> None:
+    failed = env.fail()
+    started = time.monotonic()
+    final = env.client.get(f"/tasks/{failed}", params={"wait": 30})
+    assert final.status_code == 200 and final.json()["status"] == "failed"
+    assert time.monotonic() - started < 1.0
+    pending = env.submit()["id"]
+    waited = env.client.get(f"/tasks/{pending}", params={"wait": 0.2})
+    assert waited.status_code == 202 and waited.json()["status"] == "pending"
+    assert env.client.get("/tasks/no-such-task", params={"wait": 30}).status_code == 404
+
+
+def test_get_with_wait_is_woken_by_the_settle(env: Env) -> None:
+    task_id = env.submit()["id"]
+    started = time.monotonic()
+    thread = settle_later(env, 0.05)
+    response = env.client.get(f"/tasks/{task_id}", params={"wait": 10})
+    elapsed = time.monotonic() - started
+    thread.join()
+    assert response.status_code == 200 and response.json()["status"] == "completed"
+    assert elapsed < 0.8, f"woken by the settle, not by the next poll ({elapsed:.2f}s)"
+
+
+def test_a_task_another_host_settles_is_seen_by_the_slow_poll(env: Env) -> None:
+    task_id = env.submit()["id"]
+    started = time.monotonic()
+    thread = settle_later(env, 0.05, tell=False)
+    response = env.client.get(f"/tasks/{task_id}", params={"wait": 10})
+    elapsed = time.monotonic() - started
+    thread.join()
+    assert response.status_code == 200 and response.json()["status"] == "completed"
+    assert elapsed < 3.0
+
+
+@pytest.mark.parametrize("wait", ["0", "-1", "301", "1e9", "abc", "nan", "inf", ""])
+def test_a_bad_wait_is_refused_naming_it_and_stores_nothing(env: Env, wait: str) -> None:
+    posted = env.client.post(f"/tasks?wait={wait}", json={"type": ECHO})
+    got = env.client.get(f"/tasks/some-id?wait={wait}")
+    for response in (posted, got):
+        assert response.status_code == 422, response.text
+        assert "wait" in error_of(response)
+    assert env.total() == 0
+
+
+def test_a_waiter_whose_client_went_away_is_dropped(tmp_path: Path) -> None:
+    config = config_for(tmp_path)
+    queue = EmbeddedQueue(path=tmp_path / "q.db", owner=OWNER)
+    host = Host(config, queue, FakeRunner(), owner=OWNER)
+    host.alive = True
+    app = create_app(host, Metrics(), queue)
+    task_id = queue.submit(ECHO, {}, max_attempts=1)[0]["id"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        caller = socket.create_connection(("127.0.0.1", port))
+        caller.sendall(f"GET /tasks/{task_id}?wait=60 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        _until(lambda: app.state.waiters.waiting() == 1, "the waiter")
+        caller.close()
+        _until(lambda: app.state.waiters.waiting() == 0, "the waiter to go with its client")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        asyncio.run(queue.close())
+
+
+def _until(predicate: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+# -- batches: all stored in one transaction, or none --------------------------------------------
+
+
+def test_a_batch_is_stored_in_order_and_answered_201_with_every_task(env: Env) -> None:
+    batch = [{"type": ECHO, "params": {"n": i}} for i in range(4)] + [{"type": STATS, "priority": 3}]
+    response = env.client.post("/tasks", json=batch)
+
+    assert response.status_code == 201, response.text
+    tasks = response.json()
+    assert [t["params"] for t in tasks] == [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}, {}]
+    assert [t["status"] for t in tasks] == ["pending"] * 5
+    assert [t["max_attempts"] for t in tasks] == [3, 3, 3, 3, 4]
+    assert len({t["id"] for t in tasks}) == 5
+    assert all(env.queue.get(t["id"]) == t for t in tasks)
+    assert env.total() == 5
+
+
+def test_a_batch_with_bad_items_is_refused_whole_with_every_error_by_index(env: Env) -> None:
+    batch = [
+        {"type": ECHO},
+        {"type": "T.Nope"},
+        {"type": ECHO, "params": [1]},
+        "not a task",
+        {"type": ECHO, "colour": "red", "priority": 5000},
+        {"type": ECHO, "params": {"a": "\ud800"}},
+    ]
+    body = json.dumps(batch).encode()  # escaped: the lone surrogate travels as \ud800
+    response = env.client.post("/tasks", content=body, headers={"content-type": "application/json"})
+
+    assert response.status_code == 422, response.text
+    fields = [d["field"] for d in response.json()["details"]]
+    assert fields == ["[1].type", "[2].params", "[3]", "[4].priority", "[4].colour", "[5].params"]
+    assert "T.Nope" in error_of(response) and response.json()["known"] == [ECHO, UPPER, STATS]
+    assert env.total() == 0
+
+
+def test_a_batch_item_that_breaks_its_workers_schema_is_named_by_index(schema_env: Env) -> None:
+    batch = [{"type": STATS, "params": {"text": "ok"}}, {"type": STATS, "params": {"text": 5}}]
+    response = schema_env.client.post("/tasks", json=batch)
+    assert response.status_code == 422, response.text
+    assert [d["field"] for d in response.json()["details"]] == ["[1].params.text"]
+    assert "[1].params.text: 5 is not of type 'string'" in error_of(response)
+    assert schema_env.total() == 0
+
+
+@pytest.mark.parametrize(("size", "says"), [(0, "empty"), (1001, "1000")])
+def test_an_empty_batch_or_one_over_1000_is_refused(env: Env, size: int, says: str) -> None:
+    response = env.client.post("/tasks", json=[{"type": ECHO}] * size)
+    assert response.status_code == 422, response.text
+    assert says in error_of(response)
+    assert env.total() == 0
+
+
+def test_a_batch_keeps_the_idempotency_rule_and_a_resent_batch_is_200(env: Env) -> None:
+    batch = [{"type": ECHO, "params": {"n": 1}, "idempotency_key": "a"}, {"type": ECHO},
+             {"type": ECHO, "params": {"n": 1}, "idempotency_key": "a"}]  # fmt: skip
+    first = env.client.post("/tasks", json=batch)
+    assert first.status_code == 201, first.text
+    ids = [t["id"] for t in first.json()]
+    assert ids[0] == ids[2] and ids[1] != ids[0]
+    again = env.client.post("/tasks", json=[batch[0], batch[2]])
+    assert again.status_code == 200 and [t["id"] for t in again.json()] == [ids[0], ids[0]]
+    assert env.total() == 2
+
+
+def test_a_batch_whose_key_names_other_content_is_refused_whole_409(env: Env) -> None:
+    old = env.client.post("/tasks", json={"type": ECHO, "params": {"n": 1}, "idempotency_key": "k"}).json()
+    batch = [{"type": ECHO}, {"type": ECHO, "params": {"n": 2}, "idempotency_key": "k"}]
+    response = env.client.post("/tasks", json=batch)
+    assert response.status_code == 409, response.text
+    assert [d["field"] for d in response.json()["details"]] == ["[1].idempotency_key"]
+    assert old["id"] in error_of(response)
+    assert env.total() == 1
+
+
+def test_a_batch_with_wait_answers_202_until_every_task_ended_then_200(env: Env) -> None:
+    batch = [{"type": ECHO, "idempotency_key": "e"}, {"type": STATS, "idempotency_key": "s"}]
+    thread = settle_later(env, 0.05)  # the first; the second is left pending
+    first = env.client.post("/tasks", params={"wait": 0.5}, json=batch)
+    thread.join()
+    assert first.status_code == 202, first.text
+    assert [t["status"] for t in first.json()] == ["completed", "pending"]
+    claimed = env.queue.claim_now([STATS])
+    assert claimed is not None
+    asyncio.run(env.queue.fail(claimed, Finished(Outcome(Status.FAILED, error=ErrorInfo("E", "x")), "stats"), None))
+
+    again = env.client.post("/tasks", params={"wait": 10}, json=batch)  # the same tasks, by their keys
+
+    assert again.status_code == 200, again.text
+    assert [t["status"] for t in again.json()] == ["completed", "failed"]
+
+
+def test_a_batch_submit_is_traced_and_wakes_the_host_once_per_task(env: Env) -> None:
+    seen: list[str] = []
+    env.host.hooks.add(lambda event: seen.append(event.name))
+    response = env.client.post("/tasks", json=[{"type": ECHO}, {"type": ECHO}])
+    assert response.status_code == 201
+    assert seen == [events.TASK_SUBMITTED] * 2
+    assert env.host._wake.is_set()
+
+
+def test_the_openapi_describes_the_batch_body_and_the_wait(env: Env) -> None:
+    paths = env.client.get("/openapi.json").json()["paths"]
+    post, get = paths["/tasks"]["post"], paths["/tasks/{task_id}"]["get"]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    one, many = body["oneOf"]
+    assert one == {"$ref": "#/components/schemas/TaskIn"}
+    assert many["items"] == one and (many["minItems"], many["maxItems"]) == (1, 1000)
+    for operation in (post, get):
+        [wait] = [p for p in operation["parameters"] if p["name"] == "wait"]
+        assert wait["in"] == "query" and wait["schema"]["exclusiveMinimum"] == 0 and wait["schema"]["maximum"] == 300
+        assert "202" in operation["responses"]
+    assert {"200", "201", "202"} <= set(post["responses"])
+
+
+class CarryingStore:
+    """A store that only carries tasks (RabbitMQ's): one at a time, and nothing kept to read back."""
+
+    keeps_tasks = False
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def submit(
+        self, task_type: str, params: dict[str, Any], max_attempts: int, **_: Any
+    ) -> tuple[dict[str, Any], bool]:
+        self.submitted.append(task_type)
+        now = "2026-01-01T00:00:00.000Z"
+        task = {"id": f"t-{len(self.submitted)}", "type": task_type, "status": "pending", "attempts": 0,
+                "max_attempts": max_attempts, "priority": 0, "correlation_id": "c", "created_at": now,
+                "updated_at": now, "params": params}  # fmt: skip
+        return task, True
+
+    def submit_many(self, tasks: Any) -> Any:
+        raise NotKept("the amqp task source publishes tasks one by one")
+
+    def get(self, task_id: str) -> Any:
+        raise NotKept("results go to reply_to")
+
+    def statuses(self, task_ids: Any) -> Any:
+        raise NotKept("results go to reply_to")
+
+
+def test_a_store_that_only_carries_tasks_refuses_wait_and_batches_before_sending_any(tmp_path: Path) -> None:
+    store = CarryingStore()
+    host = Host(config_for(tmp_path), StubSource(), FakeRunner(), owner=OWNER)
+    with TestClient(create_app(host, Metrics(), store)) as client:  # type: ignore[arg-type]
+        waited = client.post("/tasks", params={"wait": 5}, json={"type": ECHO})
+        batch = client.post("/tasks", json=[{"type": ECHO}, {"type": ECHO}])
+        one = client.post("/tasks", json={"type": ECHO})
+    assert waited.status_code == 501 and "wait" in error_of(waited)
+    assert batch.status_code == 501 and "one by one" in error_of(batch)
+    assert one.status_code == 201
+    assert store.submitted == [ECHO]  # only the one sent without wait

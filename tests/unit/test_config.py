@@ -899,7 +899,7 @@ def test_prewarm_and_reuse_default_to_cold_containers() -> None:
 
 
 def test_a_reusing_worker_keeps_one_container_per_slot() -> None:
-    worker = _load(_worker(extra="reuse = 100\nconcurrency = 3\nprewarm_ttl = \"10m\"")).workers[0]
+    worker = _load(_worker(extra='reuse = 100\nconcurrency = 3\nprewarm_ttl = "10m"')).workers[0]
     assert (worker.reuse, worker.warm_containers(), worker.prewarm_ttl) == (100, 3, 600.0)
 
 

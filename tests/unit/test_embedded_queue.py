@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from runner.protocol import ErrorInfo, Outcome, Status
-from runner.sources import ClaimedTask, Finished, HeldTask, LeaseLost, SourceUnavailable
+from runner.sources import ClaimedTask, Finished, HeldTask, KeyConflict, LeaseLost, NewTask, Slots, SourceUnavailable
 from runner.sources import embedded as embedded_module
 from runner.sources.embedded import STATUSES, EmbeddedQueue
 
@@ -668,3 +668,103 @@ def test_finished_tasks_are_pruned_after_the_retention_and_nothing_else(path: Pa
         assert [queue.get(t)["status"] for t in (running, pending)] == ["running", "pending"]  # type: ignore[index]
     finally:
         run(queue.close())
+
+
+# -- batches: several claims, and several submits, in one transaction -------------------------
+
+
+def transactions(queue: EmbeddedQueue) -> list[str]:
+    """Start recording the statements the queue sends to SQLite; the list fills as it goes."""
+    sent: list[str] = []
+    queue._db.set_trace_callback(sent.append)
+    return sent
+
+
+def test_claim_many_takes_several_in_priority_order_in_one_transaction(queue: EmbeddedQueue) -> None:
+    low = submit(queue, priority=0)
+    high = submit(queue, priority=5)
+    mid = submit(queue, priority=2)
+    low_2 = submit(queue, priority=0)
+    stats = submit(queue, STATS, priority=9)  # not asked for
+    sent = transactions(queue)
+
+    claimed = run(queue.claim_many([Slots((ECHO,), 3)], 10))
+
+    assert [t.id for t in claimed] == [high, mid, low]
+    assert [s for s in sent if s.startswith("BEGIN")] == ["BEGIN IMMEDIATE"]
+    assert all(t.attempt == 1 and t.receipt == 1 for t in claimed)
+    assert [status(queue, t)["status"] for t in (high, mid, low, low_2, stats)] == ["running"] * 3 + ["pending"] * 2
+
+
+def test_claim_many_keeps_each_worker_to_its_free_slots_and_all_to_the_limit(queue: EmbeddedQueue) -> None:
+    echo = [submit(queue, ECHO, priority=1) for _ in range(4)]
+    stats = [submit(queue, STATS) for _ in range(4)]
+
+    claimed = run(queue.claim_many([Slots((ECHO,), 2), Slots((STATS,), 3)], 4))
+
+    assert [t.id for t in claimed] == echo[:2] + stats[:2]  # priority first, then age; 2 echo at most
+    assert run(queue.claim_many([Slots((ECHO,), 5)], 0)) == []
+    assert run(queue.claim_many([Slots((ECHO, STATS), 0)], 5)) == []
+    assert queue.counts()["running"] == 4
+
+
+def test_claim_many_skips_a_row_no_worker_could_be_given_and_fails_it(queue: EmbeddedQueue) -> None:
+    bad, good = submit(queue, priority=1), submit(queue)
+    with sqlite3.connect(queue.path) as db:
+        db.execute("UPDATE tasks SET params = ? WHERE id = ?", ('{"a": NaN}', bad))
+
+    claimed = run(queue.claim_many([Slots((ECHO,), 2)], 2))
+
+    assert [t.id for t in claimed] == [good]
+    assert status(queue, bad)["status"] == "failed"
+
+
+def test_submit_many_stores_every_task_in_order_in_one_transaction(queue: EmbeddedQueue) -> None:
+    sent = transactions(queue)
+    stored = queue.submit_many([NewTask(ECHO, {"n": i}, max_attempts=3, priority=i) for i in range(5)])
+
+    assert [(task["params"], created) for task, created in stored] == [({"n": i}, True) for i in range(5)]
+    assert [s for s in sent if s.startswith("BEGIN")] == ["BEGIN IMMEDIATE"]
+    assert [status(queue, task["id"])["priority"] for task, _ in stored] == [0, 1, 2, 3, 4]
+
+
+def test_submit_many_keeps_the_idempotency_rule_inside_the_batch_and_against_the_queue(queue: EmbeddedQueue) -> None:
+    existing, _ = queue.submit(ECHO, {"n": 1}, max_attempts=3, idempotency_key="old")
+    batch = [
+        NewTask(ECHO, {"n": 1}, 3, idempotency_key="old"),  # the same content: the task already made
+        NewTask(ECHO, {"n": 2}, 3, idempotency_key="new"),
+        NewTask(ECHO, {"n": 2}, 3, idempotency_key="new"),  # again in this batch: the same task
+    ]
+
+    stored = queue.submit_many(batch)
+
+    assert [created for _, created in stored] == [False, True, False]
+    assert stored[0][0]["id"] == existing["id"]
+    assert stored[1][0]["id"] == stored[2][0]["id"]
+    assert sum(queue.counts().values()) == 2
+
+
+def test_submit_many_stores_nothing_when_a_key_names_other_content(queue: EmbeddedQueue) -> None:
+    existing, _ = queue.submit(ECHO, {"n": 1}, max_attempts=3, idempotency_key="old")
+    batch = [
+        NewTask(ECHO, {"n": 0}, 3),
+        NewTask(ECHO, {"n": 1.0}, 3, idempotency_key="old"),  # other JSON text: other content
+        NewTask(STATS, {"n": 2}, 3, idempotency_key="new"),
+        NewTask(ECHO, {"n": 2}, 3, idempotency_key="new"),  # the same key, another type, in this batch
+    ]
+
+    with pytest.raises(KeyConflict) as raised:
+        queue.submit_many(batch)
+
+    assert raised.value.conflicts == [(1, f"task {existing['id']}"), (3, "[2] of this batch")]
+    assert sum(queue.counts().values()) == 1  # [0] and [2] were not stored either
+
+
+def test_statuses_answers_for_many_ids_at_once(queue: EmbeddedQueue) -> None:
+    pending, running = submit(queue), submit(queue)
+    assert claim(queue).id == pending
+    ids = [pending, running, "gone"] + [f"x-{i}" for i in range(1200)]  # past SQLite's variables per statement
+
+    found = queue.statuses(ids)
+
+    assert found == {pending: "running", running: "pending"}

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from runner.sources import (
     HeldTask,
     LeaseLost,
     Owner,
+    Slots,
     SourceUnavailable,
     TaskSource,
 )
@@ -377,6 +378,9 @@ class FakeRunner:
 
     def image_present(self, image: str) -> bool:
         return True
+
+    def warm_counts(self) -> dict[str, dict[str, Any]]:
+        return {}
 
     def close(self) -> None:
         self.closed = True
@@ -1052,14 +1056,14 @@ def test_an_error_in_the_claim_loop_still_drains_the_tasks_in_flight() -> None:
 
     async def main() -> Host:
         host = Host(make_config(), source, runner, owner=OWNER)
-        real = host._claimable_types
+        real = host._room
 
-        def broken() -> list[str]:
+        def broken() -> tuple[list[Slots], int]:
             if runner.started("t-1"):
                 raise RuntimeError("a bug in the loop")
             return real()
 
-        host._claimable_types = broken  # type: ignore[method-assign]
+        host._room = broken  # type: ignore[method-assign]
         with pytest.raises(RuntimeError, match="a bug in the loop"):
             await asyncio.wait_for(host.run(), LIMIT)
         return host
@@ -1475,3 +1479,75 @@ def test_a_task_claimed_again_while_its_first_attempt_runs_is_two_claims_in_flig
     assert [e.attempt for e in runner.envelopes("t-1")] == [1, 2]
     assert host.in_flight == {}
     assert host.workers["a"].in_flight == 0
+
+
+# -- batch claims -------------------------------------------------------------------------------
+
+
+class BatchSource(InMemorySource):
+    """An in-memory source that claims several tasks per call (``claim_many``), in the order they
+    were added, keeping to the room it is given; each call's batch is recorded. ``greedy`` hands
+    out every ready task of the types asked for, whatever the room (a misbehaving backend)."""
+
+    def __init__(self, greedy: bool = False) -> None:
+        super().__init__()
+        self.greedy = greedy
+        self.batches: list[tuple[list[Slots], int, list[str]]] = []
+
+    async def claim_many(self, slots: Sequence[Slots], limit: int) -> list[ClaimedTask]:
+        self._enter("claim_many", list(slots), limit)
+        free = [s.free for s in slots]
+        taken: list[ClaimedTask] = []
+        for task in self.tasks.values():
+            group = next((i for i, s in enumerate(slots) if task.type in s.task_types), None)
+            if task.status != "pending" or task.run_at > time.monotonic() or group is None:
+                continue
+            if not self.greedy and (len(taken) >= limit or free[group] <= 0):
+                continue
+            free[group] -= 1
+            task.status, task.owner = "running", OWNER
+            task.attempts += 1
+            taken.append(ClaimedTask(task.id, task.type, dict(task.params), task.attempts, receipt=task.attempts))
+        self.batches.append((list(slots), limit, [t.id for t in taken]))
+        return taken
+
+
+def test_the_host_claims_as_many_as_it_has_room_for_in_one_call_and_never_more() -> None:
+    source, runner = BatchSource(), FakeRunner()
+    for i in range(8):
+        source.add(f"a-{i}", "a", sleep=0.15)
+        source.add(f"b-{i}", "b", sleep=0.15)
+    config = make_config(worker("a", concurrency=3), worker("b", concurrency=2), concurrency=4)
+
+    drive(config, source, runner)
+
+    slots, limit, first = source.batches[0]
+    assert (slots, limit) == ([Slots(("a",), 3), Slots(("b",), 2)], 4)  # each worker's free slots, the host's
+    assert first == ["a-0", "b-0", "a-1", "b-1"]  # four in one round trip
+    assert source.named("claim") == []
+    assert max_overlap(r for r in runner.runs if r.worker == "a") <= 3
+    assert max_overlap(r for r in runner.runs if r.worker == "b") <= 2
+    assert max_overlap(runner.runs) == 4
+    for slots, limit, _ in source.batches:  # every later call asked only for what was free then
+        assert 1 <= limit <= 4 and all(1 <= s.free <= limit for s in slots)
+    assert all(source.status(t) == "completed" for t in source.tasks)
+    assert source.violations == []
+
+
+def test_tasks_a_source_hands_out_beyond_the_room_go_back_and_the_bounds_hold() -> None:
+    source, runner = BatchSource(greedy=True), FakeRunner()
+    for i in range(6):
+        source.add(f"a-{i}", "a", sleep=0.1)
+        source.add(f"b-{i}", "b", sleep=0.1)
+    config = make_config(worker("a", concurrency=2), worker("b", concurrency=2), concurrency=3)
+
+    drive(config, source, runner)
+
+    assert max_overlap(r for r in runner.runs if r.worker == "a") <= 2
+    assert max_overlap(r for r in runner.runs if r.worker == "b") <= 2
+    assert max_overlap(runner.runs) <= 3
+    assert source.named("release")  # what did not fit went back...
+    assert all(source.status(t) == "completed" for t in source.tasks)  # ...and ran later,
+    assert {len(runner.envelopes(t)) for t in source.tasks} == {1}  # once each,
+    assert {t.attempts for t in source.tasks.values()} == {1}  # a handed-back claim not counted
+    assert source.violations == []
