@@ -225,6 +225,11 @@ def _run(handler, retry_on, stdin, stdout):
     stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
     code, body = _one(handler, retry_on, stream.read())
     _emit(out, body)
+    if os.environ.get("WORKERHOST_MODE") in ("cold", "prewarm"):
+        # Run by a host that reads it: the host then has the result and its code at once, and
+        # leaves the exit off the task's path.
+        sys.stdout.flush()
+        _side_channel({"workerhost": "done", "exit_code": code})
     return code
 
 

@@ -50,6 +50,7 @@ from runner.docker.run import (
     inspect_state,
     kill,
     launch,
+    result_of,
     wait_exit,
 )
 from runner.docker.streams import STDERR, STDERR_TAIL, Demuxer, Streams, close, exchange
@@ -422,7 +423,7 @@ def run_reused(
             memory=worker.memory,
             stderr_tail=bytes(streams.stderr_tail[-STDERR_TAIL:]),
         )
-        result = _result(end, streams, warm, warm.image_id, started, began, phases, len(payload))
+        result = result_of(end, streams, warm.container, warm.image_id, started, began, phases, len(payload), REUSE)
         return result, classify(end).status is Status.COMPLETED
     # Not a whole reply: the container is done with, one way or another.
     streams.finish()
@@ -436,28 +437,4 @@ def run_reused(
     if not streams.stdout and not streams.stderr_bytes and ended_before(state, written_ns):
         raise DiedIdle(warm.container, state.get("ExitCode"))
     end = ended(state, streams, worker, deadline_hit=deadline_hit)
-    return _result(end, streams, warm, image_id, started, began, phases, len(payload)), False
-
-
-def _result(
-    end: ContainerEnd,
-    streams: Streams,
-    warm: Warm,
-    image_id: str | None,
-    started: float,
-    began: float,
-    phases: Phases,
-    stdin_bytes: int,
-) -> RunResult:
-    return RunResult(
-        end,
-        container_id=warm.container,
-        image_id=image_id,
-        start_latency=started - began,
-        duration=time.monotonic() - started,
-        stderr_bytes=streams.stderr_bytes,
-        stdin_bytes=stdin_bytes,
-        phases=phases.done("teardown"),
-        side_channel_problems=streams.lines.problems(),
-        mode=warm.mode,
-    )
+    return result_of(end, streams, warm.container, image_id, started, began, phases, len(payload), REUSE), False

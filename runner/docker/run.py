@@ -161,7 +161,14 @@ def supervise(
     """Attach, start, exchange stdin and stdout up to the deadline or a cap, then read how it ended."""
     sock, attach = launch(client, container, worker)
     phases.mark("start")
-    return single_use(client, container, sock, attach, worker, task, began, phases, observe)
+    try:
+        # Now, while its worker starts up (a task written meanwhile waits in the pipe): the image
+        # it runs, for a run that ends without waiting for the container's exit.
+        _, image_id = inspect_state(client, container)
+    except EngineError:
+        close(sock, attach)
+        raise
+    return single_use(client, container, sock, attach, worker, task, began, phases, observe, image_id=image_id)
 
 
 def single_use(
@@ -178,10 +185,16 @@ def single_use(
     demux: Demuxer | None = None,
     early: Sequence[tuple[int, bytes]] = (),
     mode: str = COLD,
+    image_id: str | None = None,
 ) -> RunResult:
     """The task into a started container (then EOF), its output up to the deadline or a cap, and its end.
 
-    ``early`` is what a warm container wrote before its task (on ``demux``'s connection).
+    ``early`` is what a warm container wrote before its task (on ``demux``'s connection), and
+    ``image_id`` the image it runs. A worker that marks its task's end (the SDK's
+    ``{"workerhost": "done", "exit_code": N}`` on stderr after its result line) is not waited
+    for: its result and its code are whole, and its exit happens off the task's path (the
+    container is removed, killed if need be, as always). Any other is read to the end of its
+    output, then its exit code and OOMKilled come from the engine.
     """
     started = time.monotonic()
     # The deadline counts from now (the start, or a warm container's write), so that engine latency
@@ -194,8 +207,16 @@ def single_use(
     before = streams.stderr_bytes
     payload = task.to_json()
     written_ns = time.time_ns()
+    until = streams.replied
     try:
-        deadline_hit = exchange(sock, payload, streams, deadline, demux=demux)
+        deadline_hit = exchange(sock, payload, streams, deadline, demux=demux, until=until)
+        if until is not None and not deadline_hit and not streams.cap_hit and until():
+            phases.mark("exchange")
+            end = ContainerEnd(
+                exit_code=streams.done, stdout=bytes(streams.stdout), timeout=worker.timeout, memory=worker.memory,
+                stderr_tail=bytes(streams.stderr_tail[-STDERR_TAIL:]), strict=worker.strict,
+            )  # fmt: skip
+            return result_of(end, streams, container, image_id, started, began, phases, len(payload), mode)
         streams.finish()
         phases.mark("exchange")
         if deadline_hit or streams.cap_hit:
@@ -215,14 +236,29 @@ def single_use(
         close(sock, attach)
     if mode != COLD and not streams.stdout and streams.stderr_bytes == before and ended_before(state, written_ns):
         raise DiedIdle(container, state.get("ExitCode"))
+    end = ended(state, streams, worker, deadline_hit=deadline_hit)
+    return result_of(end, streams, container, image_id, started, began, phases, len(payload), mode)
+
+
+def result_of(
+    end: ContainerEnd,
+    streams: Streams,
+    container: str,
+    image_id: str | None,
+    started: float,
+    began: float,
+    phases: Phases,
+    stdin_bytes: int,
+    mode: str,
+) -> RunResult:
     return RunResult(
-        ended(state, streams, worker, deadline_hit=deadline_hit),
+        end,
         container_id=container,
         image_id=image_id,
         start_latency=started - began,
         duration=time.monotonic() - started,
         stderr_bytes=streams.stderr_bytes,
-        stdin_bytes=len(payload),
+        stdin_bytes=stdin_bytes,
         phases=phases.done("teardown"),
         side_channel_problems=streams.lines.problems(),
         mode=mode,

@@ -92,7 +92,8 @@ class DockerRunner:
                 result, keep = run_reused(self.client, warm, worker, task, began, phases, observe)
             else:
                 result = single_use(self.client, warm.container, warm.sock, warm.attach, worker, task, began,
-                                    phases, observe, demux=warm.demux, early=warm.early, mode=warm.mode)  # fmt: skip
+                                    phases, observe, demux=warm.demux, early=warm.early, mode=warm.mode,
+                                    image_id=warm.image_id)  # fmt: skip
         except EngineError as exc:
             result = RunResult(
                 engine_end(exc), container_id=warm.container, duration=time.monotonic() - began,

@@ -355,3 +355,15 @@ def test_reuse_mode_ends_with_the_process_when_the_handler_exits(tmp_path: Path)
     assert proc.returncode == 7
     assert proc.stdout == b""
     assert marks(proc.stderr) == [{"workerhost": "ready", "protocol": 1}]
+
+
+def test_a_worker_run_by_the_host_marks_its_tasks_end_after_its_result(tmp_path: Path) -> None:
+    """So that the host need not wait for the container's exit (README "Worker protocol v1")."""
+    proc = run_worker(tmp_path, 'raise sdk.RetriableError("busy")', mode="prewarm")
+    assert proc.returncode == 1
+    assert reply(proc)["error"]["retriable"] is True
+    assert marks(proc.stderr) == [{"workerhost": "done", "exit_code": 1}]
+    cold = run_worker(tmp_path, "return 1", mode="cold")
+    assert marks(cold.stderr) == [{"workerhost": "done", "exit_code": 0}]
+    elsewhere = run_worker(tmp_path, "return 1")  # not run by a host (no WORKERHOST_MODE): no marks
+    assert marks(elsewhere.stderr) == []
