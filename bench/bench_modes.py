@@ -455,7 +455,7 @@ def run_sections(figures: Figures, tmp: Path, n: _Counts, before: str) -> None:
     def ideal() -> None:
         ideal_once(client, config, payload)  # warm up
         values["ideal"] = p50([ideal_once(client, config, payload) for _ in range(n.ideal)])
-        print(f"  started-ahead ideal           p50 {ms(values['ideal'])}  (bare docker-py, write to the result line read)")
+        print(f"  started-ahead ideal           p50 {ms(values['ideal'])}  (bare docker-py, to the result line)")
 
     figures.section(["ideal"], "started-ahead ideal", ideal)
 
