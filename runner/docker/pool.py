@@ -48,14 +48,14 @@ from runner.docker.run import (
     ended,
     ended_before,
     inspect_state,
-    kill,
     launch,
+    marked_end,
     result_of,
-    wait_exit,
+    settle,
 )
-from runner.docker.streams import STDERR, STDERR_TAIL, Demuxer, Streams, close, exchange
+from runner.docker.streams import STDERR, Demuxer, Streams, close, exchange
 from runner.errors import EngineError, ImageMissing
-from runner.protocol import ContainerEnd, Envelope, Status, classify
+from runner.protocol import Envelope, Status, classify
 from runner.retries import backoff
 
 log = logging.getLogger(__name__)
@@ -201,12 +201,10 @@ class Warmer:
     def give_back(self, warm: Warm, keep: bool, observe: Observer | None = None) -> None:
         """A reused container's task ended: keep it for the next task, or (``keep`` False, spent, stale) replace it."""
         with self._lock:
-            pool = self._pools.get(warm.worker)
-            if pool is not None:
-                pool.busy -= 1
-            spent = pool is None or warm.tasks >= pool.worker.reuse or pool.stale(warm)
-            if keep and not spent and not self._closed:
-                pool.idle.append(warm)  # type: ignore[union-attr]  # not spent: pool is not None
+            pool = self._pools[warm.worker]
+            pool.busy -= 1
+            if keep and not self._closed and warm.tasks < pool.worker.reuse and not pool.stale(warm):
+                pool.idle.append(warm)
             else:
                 self._discard(warm, observe)
             self._lock.notify_all()
@@ -214,9 +212,7 @@ class Warmer:
     def discard(self, warm: Warm, observe: Observer | None = None) -> None:
         """A prewarmed container's run ended (or it could not run its task): remove it, and start another."""
         with self._lock:
-            pool = self._pools.get(warm.worker)
-            if pool is not None:
-                pool.busy -= 1
+            self._pools[warm.worker].busy -= 1
             self._discard(warm, observe)
             self._lock.notify_all()
 
@@ -416,24 +412,16 @@ def run_reused(
     phases.mark("exchange")
     warm.tasks += 1
     if not deadline_hit and not streams.cap_hit and streams.replied():
-        end = ContainerEnd(
-            exit_code=streams.done,
-            stdout=bytes(streams.stdout),
-            timeout=worker.timeout,
-            memory=worker.memory,
-            stderr_tail=bytes(streams.stderr_tail[-STDERR_TAIL:]),
-        )
+        end = marked_end(streams, worker)
         result = result_of(end, streams, warm.container, warm.image_id, started, began, phases, len(payload), REUSE)
         return result, classify(end).status is Status.COMPLETED
     # Not a whole reply: the container is done with, one way or another.
-    streams.finish()
-    if deadline_hit or streams.cap_hit:
+    try:
+        state, image_id, deadline_hit = settle(
+            client, warm.container, warm.sock, warm.attach, streams, deadline, deadline_hit
+        )
+    finally:
         close(warm.sock, warm.attach)
-        kill(client, warm.container)
-    else:  # its output ended: the container exited (or is about to)
-        deadline_hit = not wait_exit(client, warm.container, deadline)
-    close(warm.sock, warm.attach)
-    state, image_id = inspect_state(client, warm.container)
     if not streams.stdout and not streams.stderr_bytes and ended_before(state, written_ns):
         raise DiedIdle(warm.container, state.get("ExitCode"))
     end = ended(state, streams, worker, deadline_hit=deadline_hit)

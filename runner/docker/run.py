@@ -207,37 +207,58 @@ def single_use(
     before = streams.stderr_bytes
     payload = task.to_json()
     written_ns = time.time_ns()
-    until = streams.replied
     try:
-        deadline_hit = exchange(sock, payload, streams, deadline, demux=demux, until=until)
-        if until is not None and not deadline_hit and not streams.cap_hit and until():
-            phases.mark("exchange")
-            end = ContainerEnd(
-                exit_code=streams.done, stdout=bytes(streams.stdout), timeout=worker.timeout, memory=worker.memory,
-                stderr_tail=bytes(streams.stderr_tail[-STDERR_TAIL:]), strict=worker.strict,
-            )  # fmt: skip
-            return result_of(end, streams, container, image_id, started, began, phases, len(payload), mode)
-        streams.finish()
+        deadline_hit = exchange(sock, payload, streams, deadline, demux=demux, until=streams.replied)
         phases.mark("exchange")
-        if deadline_hit or streams.cap_hit:
-            # Close the socket first, so that dockerd stops copying output
-            # to us while the kill is delivered.
-            close(sock, attach)
-            kill(client, container)
-            state, image_id = inspect_state(client, container)
-        else:
-            # The output ended; the engine has usually seen the exit by now, and an inspect is
-            # cheaper than a wait. A worker may close stdout and keep running: then wait for it.
-            state, image_id = inspect_state(client, container)
-            if state.get("Running", False):
-                deadline_hit = not wait_exit(client, container, deadline)
-                state, image_id = inspect_state(client, container)
+        if not deadline_hit and not streams.cap_hit and streams.replied():
+            return result_of(marked_end(streams, worker), streams, container, image_id, started, began, phases,
+                             len(payload), mode)  # fmt: skip
+        state, image_id, deadline_hit = settle(client, container, sock, attach, streams, deadline, deadline_hit)
     finally:
         close(sock, attach)
     if mode != COLD and not streams.stdout and streams.stderr_bytes == before and ended_before(state, written_ns):
         raise DiedIdle(container, state.get("ExitCode"))
     end = ended(state, streams, worker, deadline_hit=deadline_hit)
     return result_of(end, streams, container, image_id, started, began, phases, len(payload), mode)
+
+
+def marked_end(streams: Streams, worker: WorkerConfig) -> ContainerEnd:
+    """The end of a task whose worker marked it done: its result line and the code it gave (no exit waited for)."""
+    return ContainerEnd(
+        exit_code=streams.done,
+        stdout=bytes(streams.stdout),
+        timeout=worker.timeout,
+        memory=worker.memory,
+        stderr_tail=bytes(streams.stderr_tail[-STDERR_TAIL:]),
+        strict=worker.strict,
+    )
+
+
+def settle(
+    client: docker.APIClient,
+    container: str,
+    sock: socket.socket,
+    attach: Any,
+    streams: Streams,
+    deadline: float,
+    deadline_hit: bool,
+) -> tuple[dict[str, Any], str | None, bool]:
+    """After an exchange without a done mark: kill the container at the deadline or a cap, else see it
+    exit by the deadline. Returns its state (an inspect's ``State``), its image, and whether the deadline hit."""
+    streams.finish()
+    if deadline_hit or streams.cap_hit:
+        # Close the socket first, so that dockerd stops copying output to us while the kill is delivered.
+        close(sock, attach)
+        kill(client, container)
+        state, image_id = inspect_state(client, container)
+        return state, image_id, deadline_hit
+    # The output ended; the engine has usually seen the exit by now, and an inspect is
+    # cheaper than a wait. A worker may close stdout and keep running: then wait for it.
+    state, image_id = inspect_state(client, container)
+    if state.get("Running", False):
+        deadline_hit = not wait_exit(client, container, deadline)
+        state, image_id = inspect_state(client, container)
+    return state, image_id, deadline_hit
 
 
 def result_of(
