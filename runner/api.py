@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.resources
 import json
 import logging
 import time
@@ -27,10 +28,12 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runner import __version__, jsondata
@@ -166,12 +169,15 @@ def create_app(host: Host, metrics: Metrics, queue: TaskStore | None) -> FastAPI
         title="workerhost",
         version=__version__,
         description="Run queued tasks, each in its own Docker container.",
+        docs_url=None,  # served by _api_docs, from files in the installed package: no CDN
+        redoc_url=None,
     )
     app.state.host, app.state.metrics, app.state.queue = host, metrics, queue
     app.state.waiters = None
     if queue is not None:
         app.state.waiters = Waiters(lambda ids: asyncio.to_thread(queue.statuses, ids))
         host.hooks.add(app.state.waiters)  # woken by the host's own TaskCompleted and TaskFailed
+    _api_docs(app)
     app.add_middleware(BodyLimit, limit=host.config.host.max_body)
     # Added last, so outermost: the Host check and the token come before a body is read. The routes
     # name a refused request in the audit (the included router is one opaque entry of app.routes).
@@ -183,6 +189,31 @@ def create_app(host: Host, metrics: Metrics, queue: TaskStore | None) -> FastAPI
     app.include_router(router)
     app.openapi = _described(app, host.config)  # type: ignore[method-assign]
     return app
+
+
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's and ReDoc's files, from the fastapi-offline package
+
+
+def _api_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` with every file they load served here: they work offline,
+    and the browser sends no request beyond this host (ReDoc without Google's fonts)."""
+    static = importlib.resources.files("fastapi_offline") / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(static)), name="docs-assets")
+    favicon = f"{DOCS_ASSETS}/favicon.png"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="workerhost API", swagger_favicon_url=favicon,
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js", swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+        )  # fmt: skip
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json", title="workerhost API", redoc_favicon_url=favicon,
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js", with_google_fonts=False,
+        )  # fmt: skip
 
 
 def _described(app: FastAPI, config: Config) -> Callable[[], dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import sqlite3
 import threading
@@ -1160,3 +1161,28 @@ def test_a_store_that_only_carries_tasks_refuses_wait_and_batches_before_sending
     assert batch.status_code == 501 and "one by one" in error_of(batch)
     assert one.status_code == 201
     assert store.submitted == [ECHO]  # only the one sent without wait
+
+
+# -- /docs and /redoc: every file they load is served here -----------------------------------------
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_docs_load_everything_from_this_host(env: Env, page: str) -> None:
+    """On a machine without internet a page that loads Swagger UI or ReDoc from a CDN is blank."""
+    response = env.client.get(page)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    html = response.text
+    urls = re.findall(r"""(?:src|href|url)\s*[=:(]\s*['"]([^'"]+)['"]""", html)
+    assert urls, html
+    outside = [u for u in urls if not u.startswith("/") or u.startswith("//")]
+    assert outside == [], f"{page} loads from elsewhere: {outside}"
+    assert "fonts.googleapis" not in html and "cdn.jsdelivr" not in html
+    for url in urls:
+        asset = env.client.get(url)
+        assert asset.status_code == 200, url
+        if url.endswith(".js"):
+            assert "javascript" in asset.headers["content-type"] and len(asset.content) > 100_000
+        elif url.endswith(".css"):
+            assert asset.headers["content-type"].startswith("text/css")
+    assert "/openapi.json" in urls
