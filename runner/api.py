@@ -134,7 +134,10 @@ class TaskOut(BaseModel):
     max_attempts: int
     priority: int
     correlation_id: str
-    trace_id: str | None = Field(default=None, description="the trace its attempts belong to, when it came with one")
+    trace_id: str | None = Field(
+        default=None, description="the trace its attempts belong to: the one it came with, else one derived from its id"
+    )
+    trace_url: str | None = Field(default=None, description="its trace in a viewer, from [telemetry] trace_url")
     created_at: str
     updated_at: str
     params: dict[str, Any] | None = None
@@ -527,13 +530,19 @@ async def get_task(
     task = await _call(queue.get, task_id)
     if task is None:
         raise ApiError(404, f"no task {task_id}")
-    if wait is None or task["status"] in FINAL:
-        return dict(task)
-    [found] = await _waited(request, queue, [task], wait)
-    if found is None:
-        raise ApiError(404, f"no task {task_id} (it was deleted while waited for)")
-    response.status_code = 200 if found["status"] in FINAL else 202
-    return dict(found)
+    if wait is not None and task["status"] not in FINAL:
+        [task] = await _waited(request, queue, [task], wait)
+        if task is None:
+            raise ApiError(404, f"no task {task_id} (it was deleted while waited for)")
+        response.status_code = 200 if task["status"] in FINAL else 202
+    return _with_trace_url(dict(task), request.app.state.host.config)
+
+
+def _with_trace_url(task: dict[str, Any], config: Config) -> dict[str, Any]:
+    template = config.telemetry.trace_url
+    if template and task.get("trace_id"):
+        task["trace_url"] = template.replace("{trace_id}", task["trace_id"])
+    return task
 
 
 async def _waited(

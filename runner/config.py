@@ -344,6 +344,17 @@ class TelemetryConfig(_Section):
     otlp_protocol: Literal["http/protobuf", "grpc"] | None = None  # default: OTEL_EXPORTER_OTLP_PROTOCOL or http
     log_format: Literal["auto", "json", "console"] = "auto"  # auto: console on a terminal, else JSON lines
     hooks: list[str] = Field(default_factory=list)  # "package.module:function", each called with every event
+    # A task's trace in a viewer: {trace_id} is replaced (Jaeger: "http://localhost:16686/trace/{trace_id}").
+    trace_url: str = ""
+
+    @field_validator("trace_url")
+    @classmethod
+    def _trace_url(cls, value: str) -> str:
+        if value and (not re.match(r"^https?://[^\s]+$", value) or "{trace_id}" not in value):
+            raise ValueError(
+                'expected an http(s) URL with {trace_id} in it, like "http://localhost:16686/trace/{trace_id}"'
+            )
+        return value
 
 
 GVISOR = "runsc"

@@ -584,7 +584,7 @@ def _public(row: sqlite3.Row) -> dict[str, Any]:
         "max_attempts": row["max_attempts"],
         "priority": row["priority"],
         "correlation_id": _text(row["correlation_id"]),
-        "trace_id": context.trace_id_of(row["traceparent"]),
+        "trace_id": context.trace_of_task(row["id"], row["traceparent"]),
         "created_at": iso_time(row["created_at"]),
         "updated_at": iso_time(row["updated_at"]),
     }

@@ -578,7 +578,7 @@ def _public(record: dict[str, str]) -> dict[str, Any]:
         "max_attempts": int(record.get("max_attempts") or 0),
         "priority": int(record.get("priority") or 0),
         "correlation_id": record.get("correlation_id"),
-        "trace_id": context.trace_id_of(record.get("traceparent")),
+        "trace_id": context.trace_of_task(str(record.get("id") or ""), record.get("traceparent")),
         "created_at": _iso(record.get("created_at")),
         "updated_at": _iso(record.get("updated_at") or record.get("created_at")),
     }

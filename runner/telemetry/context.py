@@ -53,6 +53,11 @@ def trace_id_of(traceparent: str | None) -> str | None:
     return found.trace_id if found is not None else None
 
 
+def trace_of_task(task_id: str, traceparent: str | None) -> str:
+    """The trace a task's attempts belong to: the one it came with, else the one derived from its id."""
+    return trace_id_of(traceparent) or root_for(task_id).trace_id
+
+
 def child_of(parent: str | TraceContext | None) -> TraceContext:
     """A new span's context: in ``parent``'s trace (with its flags), or in a new trace without one."""
     context = parse(parent) if isinstance(parent, str) or parent is None else parent

@@ -28,7 +28,7 @@ from runner.host import Host
 from runner.protocol import Envelope, ErrorInfo, Outcome, Status
 from runner.sources import ClaimedTask, Finished, NotKept, TaskSource
 from runner.sources.embedded import EmbeddedQueue
-from runner.telemetry import events
+from runner.telemetry import context, events
 from runner.telemetry.events import Hooks
 from runner.telemetry.metrics import Metrics
 from runner.telemetry.tracing import Tracing
@@ -1186,3 +1186,32 @@ def test_the_api_docs_load_everything_from_this_host(env: Env, page: str) -> Non
         elif url.endswith(".css"):
             assert asset.headers["content-type"].startswith("text/css")
     assert "/openapi.json" in urls
+
+
+# -- a task's trace ----------------------------------------------------------------------------------
+
+
+def test_a_task_without_trace_context_shows_the_trace_its_attempts_get(env: Env) -> None:
+    task = env.client.post("/tasks", json={"type": "T.Echo", "params": {}}).json()
+    shown = env.client.get(f"/tasks/{task['id']}").json()
+    # The host derives it from the id for every attempt on every host (runner/task.py, envelope_for).
+    assert shown["trace_id"] == context.root_for(task["id"]).trace_id
+    assert "trace_url" not in shown  # no [telemetry] trace_url: no link
+
+
+def test_a_task_links_to_its_trace_when_trace_url_is_set(tmp_path: Path) -> None:
+    text = (
+        CONFIG.format(path=tmp_path / "q.db") + '\n[telemetry]\ntrace_url = "http://localhost:16686/trace/{trace_id}"\n'
+    )
+    config = loads(text, source="test.toml", environ={})
+    queue = EmbeddedQueue(path=tmp_path / "q.db", owner=OWNER)
+    host = Host(config, queue, FakeRunner(), owner=OWNER)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    try:
+        with TestClient(create_app(host, Metrics(), queue)) as client:
+            task = client.post("/tasks", json={"type": "T.Echo", "params": {}, "traceparent": traceparent}).json()
+            shown = client.get(f"/tasks/{task['id']}").json()
+    finally:
+        asyncio.run(queue.close())
+    assert shown["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert shown["trace_url"] == "http://localhost:16686/trace/0af7651916cd43dd8448eb211c80319c"

@@ -938,3 +938,15 @@ def test_warm_containers_are_bounded_host_wide_by_their_memory() -> None:
     assert "1280m" in problem or "1.2" in problem  # what they would hold: 4 x 256m + 2 x 128m
     assert "a 4 x 256m, b 2 x 128m" in problem
     assert _load(text.replace('"1g"', '"2g"')).host.warm_memory == 2 * GiB
+
+
+@pytest.mark.parametrize("value", ["http://localhost:16686/trace/{trace_id}", "https://grafana.example/x?t={trace_id}"])
+def test_trace_url_takes_a_link_with_the_trace_id(value: str) -> None:
+    assert _load(f'[telemetry]\ntrace_url = "{value}"').telemetry.trace_url == value
+
+
+@pytest.mark.parametrize(
+    "value", ["http://localhost:16686/trace/", "javascript:alert(1)//{trace_id}", "/trace/{trace_id}"]
+)
+def test_a_trace_url_that_is_no_http_link_with_the_trace_id_is_refused(value: str) -> None:
+    assert "telemetry.trace_url" in _only_problem(f'[telemetry]\ntrace_url = "{value}"')
