@@ -36,14 +36,15 @@ from starlette.routing import Match
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runner import __version__, jsondata
-from runner.auth import Guard, public_health, shows_details
+from runner import __version__, dashboard, jsondata
+from runner.auth import Guard, Sessions, Tokens, public_health, shows_details
 from runner.config import Config, WorkerConfig
 from runner.errors import EngineError
 from runner.host import Host
 from runner.sources import KeyConflict, NewTask, NotKept, SourceUnavailable, TaskStore
 from runner.telemetry import context, events
 from runner.telemetry.metrics import Metrics
+from runner.telemetry.records import AttemptRecords
 from runner.waiting import FINAL, Waiters, hung_up
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,48 @@ class ErrorDetails(BaseModel):
     retriable: bool
 
 
+class PhaseOut(BaseModel):
+    """A container phase of an attempt (create, start, exchange, teardown; take for a warm container)."""
+
+    name: str
+    start: float = Field(description="seconds since the epoch")
+    end: float
+
+
+class SpanOut(BaseModel):
+    """A span the worker opened inside its container (sent over the SDK's side channel)."""
+
+    name: str
+    span_id: str
+    parent_id: str | None = None
+    start: float | None = None
+    end: float | None = None
+    attrs: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+
+
+class AttemptOut(BaseModel):
+    """One attempt as the host saw it (times in seconds since the epoch)."""
+
+    attempt: int | None = None
+    outcome: str | None = None
+    exit_code: int | None = None
+    duration: float | None = None
+    image_id: str | None = None
+    oom_killed: bool = False
+    mode: str | None = None
+    error: str | None = None
+    start: float | None = None
+    end: float | None = None
+    phases: list[PhaseOut] = Field(default_factory=list)
+    spans: list[SpanOut] = Field(default_factory=list)
+
+
+class ProgressOut(BaseModel):
+    percent: float
+    message: str | None = None
+
+
 class TaskOut(BaseModel):
     """A task as the API shows it (lists show a summary: no params, result or stderr_tail, unless full)."""
 
@@ -154,6 +197,12 @@ class TaskOut(BaseModel):
     error: ErrorDetails | None = None
     unreadable: dict[str, str] | None = Field(default=None, description="stored values that could not be shown")
     omitted: str | None = Field(default=None, description="in a full list: what was left out, and why")
+    attempt_records: list[AttemptOut] | None = Field(
+        default=None, description="one task: its attempts as this host recorded them, oldest first (the latest 50)"
+    )
+    progress: ProgressOut | None = Field(
+        default=None, description="one running task: the latest progress its worker reported to this host"
+    )
 
 
 class ApiError(Exception):
@@ -176,15 +225,20 @@ def create_app(host: Host, metrics: Metrics, queue: TaskStore | None) -> FastAPI
         redoc_url=None,
     )
     app.state.host, app.state.metrics, app.state.queue = host, metrics, queue
-    app.state.waiters = None
+    app.state.waiters = app.state.records = None
     if queue is not None:
         app.state.waiters = Waiters(lambda ids: asyncio.to_thread(queue.statuses, ids))
         host.hooks.add(app.state.waiters)  # woken by the host's own TaskCompleted and TaskFailed
+        app.state.records = AttemptRecords(queue)
+        host.hooks.add(app.state.records)  # each attempt's record, kept with its task
     _api_docs(app)
+    sessions = Sessions()
+    dashboard.mount(app, Tokens(host.config.host.tokens()), sessions)
     app.add_middleware(BodyLimit, limit=host.config.host.max_body)
     # Added last, so outermost: the Host check and the token come before a body is read. The routes
-    # name a refused request in the audit (the included router is one opaque entry of app.routes).
-    app.add_middleware(Guard, config=host.config.host, metrics=metrics, routes=[*app.routes, *router.routes])
+    # name a refused request in the audit (an included router is one opaque entry of app.routes).
+    routes = [*app.routes, *router.routes, *dashboard.router.routes]
+    app.add_middleware(Guard, config=host.config.host, metrics=metrics, routes=routes, sessions=sessions)
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
@@ -247,7 +301,8 @@ def _described(app: FastAPI, config: Config) -> Callable[[], dict[str, Any]]:
         if config.host.tokens():
             schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             schema["security"] = [{"bearer": []}]
-            public = [("/health", "get")] + ([("/metrics", "get")] if config.host.metrics_public else [])
+            public = [("/health", "get"), ("/session", "get"), ("/login", "post")]
+            public += [("/metrics", "get")] if config.host.metrics_public else []
             for path, method in public:
                 schema["paths"][path][method]["security"] = []
             for operations in schema["paths"].values():
@@ -535,7 +590,14 @@ async def get_task(
         if task is None:
             raise ApiError(404, f"no task {task_id} (it was deleted while waited for)")
         response.status_code = 200 if task["status"] in FINAL else 202
-    return _with_trace_url(dict(task), request.app.state.host.config)
+    shown = _with_trace_url(dict(task), request.app.state.host.config)
+    # Left out when there are none, like every other field a task has not got (yet).
+    if attempt_records := await _call(queue.attempts, task_id):
+        shown["attempt_records"] = attempt_records
+    records: AttemptRecords | None = request.app.state.records
+    if records is not None and task["status"] == "running" and (progress := records.progress(task_id)):
+        shown["progress"] = progress
+    return shown
 
 
 def _with_trace_url(task: dict[str, Any], config: Config) -> dict[str, Any]:
@@ -579,14 +641,20 @@ async def list_tasks(
         default=None, description="only tasks with this status (empty: any)"
     ),
     type: str | None = Query(default=None, description="a task type (empty: any)"),
+    q: str | None = Query(
+        default=None, max_length=256, description="only the task with this id, or those with this correlation id"
+    ),
     limit: int = Query(default=100, ge=1, le=1000),
+    offset: int = Query(default=0, ge=0, le=100_000, description="skip this many (the next page)"),
     full: bool = Query(
         default=False,
         description="with params, result and stderr tail, for as many tasks as fit in 8 MiB of them; the "
         "rest as summaries marked `omitted` (the header X-Workerhost-Omitted says so)",
     ),
 ) -> list[dict[str, Any]]:
-    found, more = await _call(queue.page, status or None, type or None, limit, full, LIST_BUDGET if full else None)
+    found, more = await _call(
+        queue.page, status or None, type or None, limit, full, LIST_BUDGET if full else None, q=q or None, offset=offset
+    )
     if more:
         response.headers["X-Workerhost-Omitted"] = "some tasks are summaries: a full list carries 8 MiB at most"
     return found
@@ -644,6 +712,65 @@ async def workers(host: HostDep) -> list[dict[str, Any]]:
     return [await _worker(host, name) for name in host.workers]
 
 
+class MinuteOut(BaseModel):
+    minute: str = Field(description="the minute's start, UTC")
+    completed: int
+    failed: int = Field(description="failed and dead")
+
+
+class HealthOut(BaseModel):
+    ok: bool
+    error: str | None = None
+
+
+class OverviewOut(BaseModel):
+    """What the dashboard's first page shows, in one call."""
+
+    tasks: dict[str, int] | None = Field(description="tasks by status (null: the source keeps no tasks)")
+    per_minute: list[MinuteOut] = Field(description="tasks that ended in each of the last 60 minutes, oldest first")
+    workers: list[dict[str, Any]] = Field(description="as GET /workers")
+    engine: HealthOut
+    source: HealthOut
+    trace_url: str | None = Field(description="[telemetry] trace_url: a trace in a viewer, {trace_id} in it")
+
+
+@router.get("/overview", summary="Tasks by status, ended per minute, workers, engine and source: the dashboard's",
+            operation_id="overview", response_model=OverviewOut)  # fmt: skip
+async def overview(host: HostDep, request: Request) -> dict[str, Any]:
+    queue: TaskStore | None = request.app.state.queue
+    engine_error = await asyncio.to_thread(host.runner.ping)
+    source_error: str | None = None
+    try:
+        await host.source.health()
+    except SourceUnavailable as exc:
+        source_error = str(exc)
+    counts: dict[str, int] | None = None
+    ended: dict[tuple[int, str], int] = {}
+    now = int(time.time()) // 60 * 60
+    minutes = [now - 60 * n for n in range(59, -1, -1)]
+    if queue is not None:
+        try:
+            statuses = ("pending", "running", "completed", "failed", "dead")
+            counts = dict.fromkeys(statuses, 0) | await asyncio.to_thread(queue.counts)
+            ended = await asyncio.to_thread(queue.finished_per_minute, float(minutes[0]))
+        except (SourceUnavailable, NotKept) as exc:
+            source_error = source_error or str(exc)
+    per_minute = [
+        {"minute": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(minute)),
+         "completed": ended.get((minute, "completed"), 0),
+         "failed": ended.get((minute, "failed"), 0) + ended.get((minute, "dead"), 0)}
+        for minute in minutes
+    ]  # fmt: skip
+    return {
+        "tasks": counts,
+        "per_minute": per_minute,
+        "workers": [await _worker(host, name) for name in host.workers],
+        "engine": {"ok": engine_error is None, "error": engine_error},
+        "source": {"ok": (source_error or host.source_error) is None, "error": source_error or host.source_error},
+        "trace_url": host.config.telemetry.trace_url or None,
+    }
+
+
 @router.get("/workers/{name}/health", summary="One worker's health", responses=_errors(404))
 async def worker_health(name: str, host: HostDep) -> dict[str, Any]:
     if name not in host.workers:
@@ -668,6 +795,11 @@ async def metrics_text(request: Request) -> Response:
 
 async def _worker(host: Host, name: str) -> dict[str, Any]:
     state = host.worker_health(name)
+    config = host.workers[name].config
+    state.update(
+        cpus=config.cpus, memory=config.memory, pids_limit=config.pids_limit, sandbox=config.sandbox,
+        timeout=config.timeout, prewarm=config.prewarm, reuse=config.reuse,
+    )  # fmt: skip
     present, error = await asyncio.to_thread(_image_present, host, state["image"])
     state["image_present"] = present
     state["engine_reachable"] = error is None

@@ -11,7 +11,13 @@
 - with tokens configured, a request without ``Authorization: Bearer <token>`` or
   with a token that is not one of them: 401 with ``WWW-Authenticate: Bearer``.
   ``GET /health`` (and ``GET /metrics`` with ``[host] metrics_public``) need no
-  token; ``/health`` then says only whether the host is up and how busy.
+  token; ``/health`` then says only whether the host is up and how busy;
+- a session cookie (``POST /login`` trades a token for one, for the dashboard) counts
+  as that token wherever a token is asked for, but a change (POST, PUT, PATCH,
+  DELETE) made with it must carry ``X-Workerhost-CSRF: 1``, which a page on another
+  site cannot send without the Origin check seeing it: 403 otherwise. The cookie is
+  SameSite=Strict too, so another site's page does not send it at all.
+  The dashboard's page and files, ``GET /session`` and ``POST /login`` need no token.
 
 After the answer it counts every request (``workerhost_api_requests_total``,
 ``workerhost_auth_failures_total``) and logs one audit line for every change
@@ -27,6 +33,9 @@ import ipaddress
 import json
 import logging
 import re
+import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +65,12 @@ _KEY_EARLY = {
 _NAME = re.compile(r"^[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?$")
 _PORT = re.compile(r"^(:[0-9]{1,5})?$")
 _REALM = 'Bearer realm="workerhost"'
+SESSION_COOKIE = "workerhost_session"
+CSRF_HEADER = "x-workerhost-csrf"
+REFUSED = "workerhost.refused"  # a route that refuses a credential itself (POST /login) says why here
+SESSION_TTL = 12 * 3600.0
+_MAX_SESSIONS = 10_000  # past this, the oldest sessions end
+_DASHBOARD_FILES = "/static/dashboard/"
 
 
 # -- where it listens -----------------------------------------------------------------------
@@ -204,6 +219,43 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
+class Sessions:
+    """The dashboard's logins in this process: an opaque random id -> the token's name, until it expires.
+
+    Only the id's SHA-256 digest is kept, so a dump of the process's memory holds no cookie that
+    works; a restart logs everyone out.
+    """
+
+    def __init__(self, ttl: float = SESSION_TTL) -> None:
+        self.ttl = ttl
+        self._open: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+
+    def open(self, token_name: str) -> str:
+        """A new session for the holder of ``token_name``'s token: the cookie's value."""
+        session = secrets.token_urlsafe(32)
+        self._open[_digest(session)] = (token_name, time.monotonic() + self.ttl)
+        while len(self._open) > _MAX_SESSIONS:
+            self._open.popitem(last=False)
+        return session
+
+    def identify(self, session: str | None) -> str | None:
+        """The token name of a live session, or None (unknown or expired)."""
+        if not session or len(session) > _MAX_TOKEN:
+            return None
+        key = _digest(session)
+        found = self._open.get(key)
+        if found is None:
+            return None
+        if found[1] < time.monotonic():
+            del self._open[key]
+            return None
+        return found[0]
+
+    def close(self, session: str | None) -> None:
+        if session:
+            self._open.pop(_digest(session), None)
+
+
 def bearer(header: str | None) -> tuple[str | None, bool]:
     """(token, malformed) from an ``Authorization`` header: ``Bearer <token>``, the scheme in any case."""
     if header is None:
@@ -256,7 +308,7 @@ def public_health(body: Mapping[str, Any]) -> dict[str, Any]:
 class Refusal:
     status: int
     message: str
-    reason: str  # host, origin, missing, malformed, invalid
+    reason: str  # host, origin, missing, malformed, invalid, csrf
     challenge: str | None = None
 
     async def send(self, send: Send) -> None:
@@ -309,11 +361,17 @@ class _Exchange:
 class Guard:
     """Host and Origin checks, bearer tokens, and the audit trail, in front of every route."""
 
-    def __init__(self, app: ASGIApp, config: HostConfig, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
+    def __init__(
+        self, app: ASGIApp, config: HostConfig, metrics: Metrics, routes: Sequence[BaseRoute],
+        sessions: Sessions | None = None,
+    ) -> None:  # fmt: skip
         self.app = app
         self.tokens = Tokens(config.tokens())
+        self.sessions = sessions or Sessions()
         self.hosts = HostPolicy.from_config(config)
-        self.public = {("GET", "/health")} | ({("GET", "/metrics")} if config.metrics_public else set())
+        self.public = {("GET", "/health"), ("GET", "/"), ("GET", "/session"), ("POST", "/login")} | (
+            {("GET", "/metrics")} if config.metrics_public else set()
+        )
         self.metrics = metrics
         self.routes = routes  # to name the route of a request refused before routing
 
@@ -349,13 +407,30 @@ class Guard:
             return Refusal(401, "the Authorization header is not 'Bearer <token>'", "malformed",
                            f'{_REALM}, error="invalid_request"')  # fmt: skip
         if presented is None:
-            if (scope["method"], scope["path"]) in self.public:
-                return Caller(None, required=True)
-            return Refusal(401, "a token is required: Authorization: Bearer <token>", "missing", _REALM)
+            return self._by_session(scope, headers)
         name = self.tokens.identify(presented)
         if name is None:
             return Refusal(401, "the token is not valid", "invalid", f'{_REALM}, error="invalid_token"')
         return Caller(name, required=True)
+
+    def _by_session(self, scope: Scope, headers: Headers) -> Caller | Refusal:
+        """A request without a bearer token: its session cookie, or none (public routes only)."""
+        method, path = scope["method"], scope["path"]
+        public = (method, path) in self.public or (method == "GET" and path.startswith(_DASHBOARD_FILES))
+        cookie = HTTPConnection(scope).cookies.get(SESSION_COOKIE)
+        name = self.sessions.identify(cookie)
+        if name is not None and method in CHANGES and headers.get(CSRF_HEADER) != "1":
+            if public:  # POST /login: the cookie is not what it relies on
+                return Caller(None, required=True)
+            return Refusal(403, f"a change made with the session cookie needs the header {CSRF_HEADER}: 1", "csrf")
+        if name is not None:
+            return Caller(name, required=True)
+        if public:
+            return Caller(None, required=True)
+        if cookie:
+            return Refusal(401, "the session has ended: log in again (or send Authorization: Bearer <token>)",
+                           "invalid", f'{_REALM}, error="invalid_token"')  # fmt: skip
+        return Refusal(401, "a token is required: Authorization: Bearer <token>", "missing", _REALM)
 
     def _record(self, scope: Scope, admitted: Caller | Refusal, exchange: _Exchange) -> None:
         """Count the request and, for a change or a refusal, log it; never fails the request."""
@@ -364,8 +439,10 @@ class Guard:
             method = scope["method"] if scope["method"] in _METHODS else "other"
             status = exchange.status or 500  # nothing sent: the app raised, and the error page says 500
             self.metrics.api_requests.labels(route, method, str(status)).inc()
-            refused = admitted.reason if isinstance(admitted, Refusal) else None
-            if refused in ("missing", "malformed", "invalid"):
+            state = scope.get("state") or {}
+            admitted = state.get(CALLER, admitted) if isinstance(admitted, Caller) else admitted  # a login's
+            refused = admitted.reason if isinstance(admitted, Refusal) else state.get(REFUSED)
+            if refused in ("missing", "malformed", "invalid", "csrf"):
                 self.metrics.auth_failures.labels(refused).inc()
             if method not in CHANGES and refused is None:
                 return

@@ -110,14 +110,30 @@ class TaskStore(Protocol):
         ...
 
     def page(
-        self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None
-    ) -> tuple[list[dict[str, Any]], bool]: ...
+        self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None,
+        q: str | None = None, offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], bool]:  # fmt: skip
+        """Tasks, newest first, past the first ``offset``; ``q``: only the task with this id or correlation id."""
+        ...
 
     def retry(self, task_id: str, max_attempts: int | None = None) -> dict[str, Any] | None: ...
 
     def delete(self, task_id: str) -> tuple[bool, str | None]: ...
 
     def counts(self) -> dict[str, int]: ...
+
+    def finished_per_minute(self, since: float) -> dict[tuple[int, str], int]:
+        """Tasks that ended since ``since`` (seconds since the epoch), counted by the minute they ended in
+        (seconds since the epoch, a multiple of 60) and their status (completed, failed or dead)."""
+        ...
+
+    def attempts(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's attempt records, oldest first (``record_attempt``'s, as stored)."""
+        ...
+
+    def record_attempt(self, task_id: str, record: dict[str, Any]) -> None:
+        """Keep one attempt's record (a JSON object: outcome, times, phases, the worker's spans)."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -299,9 +299,20 @@ class AmqpTaskSource(TaskSource):
         raise NotKept(self._not_kept())
 
     def page(
-        self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None
-    ) -> tuple[list[dict[str, Any]], bool]:
+        self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None,
+        q: str | None = None, offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], bool]:  # fmt: skip
         raise NotKept(self._not_kept())
+
+    def finished_per_minute(self, since: float) -> dict[tuple[int, str], int]:
+        """The broker does not keep what ended: none."""
+        return {}
+
+    def attempts(self, task_id: str) -> list[dict[str, Any]]:
+        raise NotKept(self._not_kept())
+
+    def record_attempt(self, task_id: str, record: dict[str, Any]) -> None:
+        """The broker does not keep tasks: does nothing."""
 
     def retry(self, task_id: str, max_attempts: int | None = None) -> dict[str, Any] | None:
         raise NotKept(self._not_kept() + "; to run a dead task again, move its message back to its queue")

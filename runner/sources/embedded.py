@@ -77,6 +77,14 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_claim ON tasks (status, type, run_at);
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at);
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_at);
+CREATE INDEX IF NOT EXISTS tasks_correlation ON tasks (correlation_id);
+CREATE TABLE IF NOT EXISTS attempts (
+    id      INTEGER PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    record  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_task ON attempts (task_id, id);
 CREATE TABLE IF NOT EXISTS owners (
     owner      TEXT PRIMARY KEY,
     host_id    TEXT NOT NULL,
@@ -86,6 +94,7 @@ CREATE TABLE IF NOT EXISTS owners (
 """
 _FORGET_AFTER = 86400.0  # registry rows of processes silent this long are dropped
 _CHUNK = 500  # ids per statement (SQLite's variables per statement: 999 before 3.32)
+MAX_ATTEMPT_RECORDS = 50  # attempt records kept per task (the latest)
 
 
 class EmbeddedQueue(TaskSource):
@@ -438,9 +447,11 @@ class EmbeddedQueue(TaskSource):
         return found
 
     def page(
-        self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None
-    ) -> tuple[list[dict[str, Any]], bool]:
-        """Tasks, newest first, and whether some were cut to summaries.
+        self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None,
+        q: str | None = None, offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], bool]:  # fmt: skip
+        """Tasks, newest first, past the first ``offset``, and whether some were cut to summaries;
+        ``q``: only the task with this id, or those with this correlation id.
 
         Without ``full``, summaries: no params, result or stderr tail, none of them
         even read from the file. With it, whole tasks while their stored params,
@@ -453,12 +464,15 @@ class EmbeddedQueue(TaskSource):
         if task_type:
             clauses.append("type = ?")
             args.append(task_type)
+        if q:
+            clauses.append("(id = ? OR correlation_id = ?)")
+            args += [q, q]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        order = "ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        order = "ORDER BY created_at DESC, rowid DESC LIMIT ? OFFSET ?"
         with self._read() as db:
             if not full or budget is None:
                 columns = "*" if full else _SUMMARY
-                rows = db.execute(f"SELECT {columns} FROM tasks {where} {order}", (*args, limit)).fetchall()
+                rows = db.execute(f"SELECT {columns} FROM tasks {where} {order}", (*args, limit, offset)).fetchall()
                 return [_public(row) for row in rows], False
             # Sizes first (params and results are stored as BLOBs, whose length SQLite reads from
             # the record's header, not the content), then only the rows that fit: a page over big
@@ -466,7 +480,7 @@ class EmbeddedQueue(TaskSource):
             sizes = db.execute(
                 f"""SELECT id, length(params) + coalesce(length(result), 0)
                         + coalesce(length(stderr_tail), 0) AS size FROM tasks {where} {order}""",
-                (*args, limit),
+                (*args, limit, offset),
             ).fetchall()
             tasks: list[dict[str, Any]] = []
             cut = False
@@ -484,6 +498,40 @@ class EmbeddedQueue(TaskSource):
                 tasks.append(task)
         return tasks, cut
 
+    def finished_per_minute(self, since: float) -> dict[tuple[int, str], int]:
+        """Tasks that ended since ``since``, by (the minute they ended in, their status): one query."""
+        with self._read() as db:
+            rows = db.execute(
+                """SELECT CAST(finished_at / 60 AS INTEGER) * 60 AS minute, status, COUNT(*) AS n FROM tasks
+                    WHERE finished_at >= ? AND status IN ('completed', 'failed', 'dead')
+                    GROUP BY minute, status""",
+                (since,),
+            ).fetchall()
+        return {(row["minute"], row["status"]): row["n"] for row in rows}
+
+    def attempts(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's attempt records, oldest first; one that does not read back is left out."""
+        with self._read() as db:
+            rows = db.execute("SELECT record FROM attempts WHERE task_id = ? ORDER BY id", (task_id,)).fetchall()
+        found = [jsondata.loads(row["record"], "an attempt record") for row in rows]
+        return [record for record, problem in found if problem is None and isinstance(record, dict)]
+
+    def record_attempt(self, task_id: str, record: dict[str, Any]) -> None:
+        """Keep one attempt's record, and the latest ``MAX_ATTEMPT_RECORDS`` of the task's.
+
+        Raises ValueError for a record that would not read back as JSON.
+        """
+        if (problem := jsondata.problem(record, "the attempt record")) is not None:
+            raise ValueError(problem)
+        text = jsondata.dumps(record)
+        with self._write() as db:
+            db.execute("INSERT INTO attempts (task_id, record) VALUES (?, ?)", (task_id, text))
+            db.execute(
+                """DELETE FROM attempts WHERE task_id = ? AND id NOT IN
+                    (SELECT id FROM attempts WHERE task_id = ? ORDER BY id DESC LIMIT ?)""",
+                (task_id, task_id, MAX_ATTEMPT_RECORDS),
+            )
+
     def list(self, status: str | None = None, task_type: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Tasks, newest first, whole (params, result, stderr tail): for a few; the API pages with ``page``."""
         return self.page(status, task_type, limit, full=True)[0]
@@ -495,6 +543,7 @@ class EmbeddedQueue(TaskSource):
             if row is None or row["status"] == "running":
                 return False, row["status"] if row else None
             db.execute("DELETE FROM tasks WHERE id = ? AND status != 'running'", (task_id,))
+            db.execute("DELETE FROM attempts WHERE task_id = ?", (task_id,))
         return True, row["status"]
 
     async def prune(self) -> int:
@@ -507,6 +556,7 @@ class EmbeddedQueue(TaskSource):
                 "DELETE FROM tasks WHERE status IN ('completed', 'failed', 'dead') AND finished_at < ?",
                 (time.time() - self.retention,),
             )
+            db.execute("DELETE FROM attempts WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE tasks.id = attempts.task_id)")
         return cursor.rowcount
 
     def retry(self, task_id: str, max_attempts: int | None = None) -> dict[str, Any] | None:

@@ -417,13 +417,22 @@ class RedisQueue(TaskSource):
         return _public(record) if record else None
 
     def page(
-        self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None
-    ) -> tuple[list[dict[str, Any]], bool]:
-        """Tasks, newest first, and whether some were cut to summaries (as the embedded queue's ``page``).
+        self, status: str | None, task_type: str | None, limit: int, full: bool = False, budget: int | None = None,
+        q: str | None = None, offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], bool]:  # fmt: skip
+        """Tasks, newest first, past the first ``offset``, and whether some were cut to summaries (as
+        the embedded queue's ``page``). ``q`` finds a task by its id only: Redis keeps no index of
+        correlation ids.
 
         Walks one index (the status's, the type's, or all tasks') newest first; a status and a
         type together walk the status's and skip other types.
         """
+        if q:
+            found = self.get(q)
+            other = found is None or found["status"] != (status or found["status"])
+            if other or found is None or found["type"] != (task_type or found["type"]) or offset > 0:
+                return [], False
+            return [found if full else {k: v for k, v in found.items() if k not in _BIG}], False
         if status:
             index = self._key("status", status)
         elif task_type:
@@ -434,7 +443,7 @@ class RedisQueue(TaskSource):
         tasks: list[dict[str, Any]] = []
         gone: list[str] = []
         cut = False
-        start = 0
+        start = skipped = 0
         chunk = max(limit, 50)
         # With a status and a type, the status's index is walked for the type: bounded, so that one
         # request cannot walk millions of finished tasks (what it found so far is the page).
@@ -450,6 +459,9 @@ class RedisQueue(TaskSource):
                         gone.append(task_id)
                         continue
                     if other_types is not None and summary.get("type") != other_types:
+                        continue
+                    if skipped < offset:
+                        skipped += 1
                         continue
                     task = summary
                     if full:
@@ -486,6 +498,17 @@ class RedisQueue(TaskSource):
             summary = {k: v for k, v in zip(_SUMMARY, values, strict=True) if v is not None}
             size = sum(int(s) for s in replies[n * step + 1 : (n + 1) * step])
             yield task_id, (summary if "status" in summary else None), size
+
+    def finished_per_minute(self, since: float) -> dict[tuple[int, str], int]:
+        """Not kept for Redis (its indexes are by creation, not by end): none."""
+        return {}
+
+    def attempts(self, task_id: str) -> list[dict[str, Any]]:
+        """Not kept for Redis: none (the task's own fields say its last attempt; its trace says all)."""
+        return []
+
+    def record_attempt(self, task_id: str, record: dict[str, Any]) -> None:
+        """Not kept for Redis: does nothing."""
 
     def list(self, status: str | None = None, task_type: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Tasks, newest first, whole: for a few; the API pages with ``page``."""
