@@ -56,6 +56,7 @@ demo: install build-images
 # (and under CI=true, fail), so a failed `sandbox` does not stop the run here.
 test: install build-images
 	-scripts/engine.sh --sandbox
+	-scripts/browser.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: install
