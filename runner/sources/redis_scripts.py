@@ -131,6 +131,11 @@ local function took(group, t, entry, record)
   group.free = group.free - 1
   left = left - 1
 end
+-- An entry now ours (taken over or read): its task is claimed, unless take() finds it gone.
+local function accept(group, t, e)
+  local record = take(t, e[1], field(e[2], 'id'))
+  if record then took(group, t, e[1], record) end
+end
 for _, group in ipairs(groups) do
   for _, t in ipairs(group.types) do
     local delayed = P .. ':delayed:' .. t
@@ -148,10 +153,7 @@ for _, group in ipairs(groups) do
       for _, p in ipairs(redis.call('XPENDING', stream(t), GROUP, 'IDLE', lease, '-', '+', 10)) do
         if not room(group) then break end
         for _, e in ipairs(redis.call('XCLAIM', stream(t), GROUP, owner, lease, p[1])) do
-          if type(e) == 'table' then
-            local record = take(t, e[1], field(e[2], 'id'))
-            if record then took(group, t, e[1], record) end
-          end
+          if type(e) == 'table' then accept(group, t, e) end
         end
       end
     end
@@ -165,10 +167,7 @@ for _, group in ipairs(groups) do
         local count = math.min(group.free, left)
         local read = redis.call('XREADGROUP', 'GROUP', GROUP, owner, 'COUNT', count, 'STREAMS', stream(t), '>')
         if not read then break end
-        for _, e in ipairs(read[1][2]) do
-          local record = take(t, e[1], field(e[2], 'id'))
-          if record then took(group, t, e[1], record) end
-        end
+        for _, e in ipairs(read[1][2]) do accept(group, t, e) end
       end
     end
   end
